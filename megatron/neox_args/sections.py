@@ -1,0 +1,402 @@
+"""The typed sections of NeoXArgs: every YAML key the user may write is a field here.
+
+YAML is flat: each key names exactly one field of one section (field names are unique across sections).
+Dashes and underscores are the same (`train-iters` == `train_iters`). Each field has a docstring right
+under it; `docs/CONFIG.md` is generated from them (`python -m megatron.neox_args.docs`).
+
+Values computed from these (data-parallel size, padded vocab, ...) live in `DerivedArgs`, never here:
+a section holds exactly what the user wrote, or the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelArgs:
+    """Shape and architecture of the decoder (GPT-NeoX and Llama families)."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+
+    hidden_size: int = 128
+    """Width of the residual stream (h)."""
+
+    num_attention_heads: int = 4
+    """Number of query heads; must divide hidden_size."""
+
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means num_attention_heads (plain multi-head)."""
+
+    intermediate_size: Optional[int] = None
+    """MLP inner width; None means 4*h for gelu/relu and 256*ceil((8h/3)/256) for swiglu (Llama's rule)."""
+
+    seq_length: int = 128
+    """Training sequence length in tokens."""
+
+    max_position_embeddings: Optional[int] = None
+    """Longest position the model supports; None means seq_length. Must be >= seq_length."""
+
+    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    """Position embedding: rotary (RoPE), learned absolute, or none."""
+
+    rotary_pct: float = 1.0
+    """Fraction of each head's dimensions that rotary acts on (Pythia uses 0.25)."""
+
+    rotary_emb_base: int = 10000
+    """Rotary base (theta)."""
+
+    gpt_j_residual: bool = False
+    """Parallel residual (GPT-J / GPT-NeoX): x + attn(ln1(x)) + mlp(ln2(x)) instead of sequential."""
+
+    no_weight_tying: bool = False
+    """Untie the input embedding and the output projection (GPT-NeoX: true for Pythia)."""
+
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization layer."""
+
+    layernorm_epsilon: float = 1.0e-5
+    """Epsilon of LayerNorm."""
+
+    rms_norm_epsilon: float = 1.0e-6
+    """Epsilon of RMSNorm."""
+
+    use_bias_in_norms: bool = True
+    """LayerNorm has a bias (ignored for RMSNorm, which never has one)."""
+
+    use_bias_in_attn_linear: bool = True
+    """Attention QKV and output projections have biases."""
+
+    use_bias_in_mlp: bool = True
+    """MLP projections have biases."""
+
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    """MLP activation; swiglu uses a gated MLP (Llama)."""
+
+    init_method: Literal["normal", "small_init", "wang_init"] = "small_init"
+    """Init of input-side weights (QKV, fc1, embedding): normal(init_method_std), small_init
+    (std = sqrt(2/(5h)), Nguyen & Salazar 2019) or wang_init (std = 2/(L*sqrt(h)))."""
+
+    output_layer_init_method: Literal["normal", "small_init", "wang_init", "scaled_normal"] = "wang_init"
+    """Init of output-side weights (attention out, fc2): as init_method, plus scaled_normal
+    (std = init_method_std / sqrt(2L))."""
+
+    init_method_std: float = 0.02
+    """Standard deviation for the normal and scaled_normal inits."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times model_parallel_size (for speed and even TP shards)."""
+
+    attention_impl: Literal["sdpa", "flash"] = "sdpa"
+    """Attention kernel: torch scaled_dot_product_attention (picks flash/cuDNN/efficient itself), or the
+    flash-attn package (must be installed)."""
+
+    sdpa_backend: Optional[Literal["flash", "cudnn", "efficient", "math"]] = None
+    """Force one SDPA backend (GPU); None lets torch choose."""
+
+
+@dataclass
+class ParallelArgs:
+    """How the model and the batch are split over ranks."""
+
+    model_parallel_size: int = 1
+    """Tensor-parallel size (Megatron column/row split of every layer)."""
+
+    pipe_parallel_size: int = 0
+    """Pipeline stages (0 or 1 means no pipeline). Values above 1 are not supported yet (clear error)."""
+
+    sequence_parallel: bool = False
+    """Megatron-style sequence parallelism: norms/dropout/residual run on a sequence shard of each
+    tensor-parallel rank (Korthikanti et al. 2022). Needs model_parallel_size > 1."""
+
+    zero_optimization: dict = field(default_factory=lambda: {"stage": 0})
+    """DeepSpeed ZeRO config, passed through (stage 0-3, offload_optimizer, ...)."""
+
+
+@dataclass
+class OptimizerArgs:
+    """Optimizer. YAML: `optimizer: {type: Adam, params: {lr: 6e-4, betas: [0.9, 0.95], eps: 1e-8}}`."""
+
+    optimizer_type: Literal["Adam", "AdamW", "SGD"] = "AdamW"
+    """Optimizer (YAML `optimizer.type`). Adam and AdamW both decouple weight decay (AdamW semantics)."""
+
+    lr: float = 6.0e-4
+    """Peak learning rate (YAML `optimizer.params.lr`)."""
+
+    betas: tuple = (0.9, 0.95)
+    """Adam betas (YAML `optimizer.params.betas`)."""
+
+    eps: float = 1.0e-8
+    """Adam epsilon (YAML `optimizer.params.eps`)."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to norms, biases or 1-D parameters."""
+
+    momentum: float = 0.0
+    """SGD momentum (YAML `optimizer.params.momentum`)."""
+
+
+@dataclass
+class LRArgs:
+    """Learning-rate schedule: linear warmup, then decay to min_lr."""
+
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Shape of the decay after warmup."""
+
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which to decay; None means train_iters."""
+
+    warmup: float = 0.01
+    """Warmup length as a fraction of lr_decay_iters (GPT-NeoX semantics)."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+
+@dataclass
+class DataArgs:
+    """Where the tokens come from."""
+
+    data_path: Optional[str] = None
+    """Prefix of one .bin/.idx pair, split into train/valid/test by `split`."""
+
+    train_data_paths: Optional[list] = None
+    """Prefixes blended for training (instead of data_path)."""
+
+    valid_data_paths: Optional[list] = None
+    """Prefixes blended for validation."""
+
+    test_data_paths: Optional[list] = None
+    """Prefixes blended for test."""
+
+    train_data_weights: Optional[list] = None
+    """Blending weights of train_data_paths (default: proportional to size)."""
+
+    valid_data_weights: Optional[list] = None
+    """Blending weights of valid_data_paths."""
+
+    test_data_weights: Optional[list] = None
+    """Blending weights of test_data_paths."""
+
+    split: str = "969,30,1"
+    """Train,valid,test proportions of data_path's documents."""
+
+    data_impl: Literal["mmap"] = "mmap"
+    """Dataset format; only the Megatron mmap .bin/.idx format."""
+
+    data_cache_dir: Optional[str] = None
+    """Where index caches (doc/sample/shuffle .npy) go; None means next to the data."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class TokenizerArgs:
+    """Which tokenizer turns text into ids (used by preprocessing and for vocab size)."""
+
+    tokenizer_type: Literal["HFTokenizer", "GPT2BPETokenizer", "ByteLevelTokenizer"] = "ByteLevelTokenizer"
+    """HFTokenizer (a tokenizer.json), GPT2BPETokenizer (vocab.json + merges.txt), or ByteLevelTokenizer
+    (256 bytes + end-of-document, needs no files)."""
+
+    vocab_file: Optional[str] = None
+    """tokenizer.json for HFTokenizer, vocab.json for GPT2BPETokenizer."""
+
+    merge_file: Optional[str] = None
+    """merges.txt for GPT2BPETokenizer."""
+
+
+@dataclass
+class PrecisionArgs:
+    """Number formats (DeepSpeed's bf16/fp16 blocks, passed through)."""
+
+    bf16: dict = field(default_factory=lambda: {"enabled": False})
+    """DeepSpeed bf16 block, e.g. {enabled: true}."""
+
+    fp16: dict = field(default_factory=lambda: {"enabled": False})
+    """DeepSpeed fp16 block with loss scaling, e.g. {enabled: true, loss_scale: 0, initial_scale_power: 16}."""
+
+
+@dataclass
+class TrainingArgs:
+    """The loop: batch sizes, length, evaluation, memory savers."""
+
+    train_micro_batch_size_per_gpu: Optional[int] = None
+    """Sequences per rank per forward/backward."""
+
+    gradient_accumulation_steps: Optional[int] = None
+    """Micro-batches accumulated per optimizer step."""
+
+    train_batch_size: Optional[int] = None
+    """Global sequences per optimizer step = micro * grad_acc * data_parallel_size. Give any two of the
+    three (or all three, consistent); the third is derived."""
+
+    train_iters: int = 100
+    """Optimizer steps to train for."""
+
+    seed: int = 1234
+    """Seed for init, dropout and data order."""
+
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+    eval_interval: int = 1000
+    """Run evaluation every this many iterations (and at the end)."""
+
+    eval_iters: int = 10
+    """Batches per evaluation."""
+
+    checkpoint_activations: bool = False
+    """Recompute each layer's activations in backward (activation checkpointing)."""
+
+    checkpoint_num_layers: int = 1
+    """Layers per checkpointed chunk."""
+
+    torch_compile: bool = False
+    """torch.compile each transformer layer."""
+
+
+@dataclass
+class CheckpointArgs:
+    """Saving and resuming."""
+
+    save: Optional[str] = None
+    """Directory to save checkpoints in (None: never save)."""
+
+    load: Optional[str] = None
+    """Directory to resume from (its `latest` checkpoint)."""
+
+    checkpoint_factor: Optional[int] = None
+    """Save every this many iterations (and always at the end when save is set)."""
+
+    keep_last_n_checkpoints: Optional[int] = None
+    """Delete older checkpoints, keeping this many (None keeps all)."""
+
+    finetune: bool = False
+    """Load weights only from `load`: iteration, optimizer, lr schedule and data position start fresh."""
+
+
+@dataclass
+class LoggingArgs:
+    """What the run reports, and where."""
+
+    log_interval: int = 10
+    """Print a metrics line every this many iterations."""
+
+    log_dir: Optional[str] = None
+    """Directory for metrics.jsonl and the saved config; None means `runs/<timestamp>`."""
+
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard events here (None: off)."""
+
+    use_wandb: bool = False
+    """Log to Weights & Biases (offline when no API key is set; never blocks)."""
+
+    wandb_project: str = "neox"
+    """W&B project."""
+
+    wandb_group: Optional[str] = None
+    """W&B group."""
+
+    peak_flops_per_device: Optional[float] = None
+    """Peak dense bf16 FLOP/s of one device, for MFU; None picks a default by device name (H100 989e12)."""
+
+
+@dataclass
+class LauncherArgs:
+    """How deepy.py starts the ranks (DeepSpeed launcher)."""
+
+    num_gpus: Optional[int] = None
+    """Processes per node; None means every visible GPU (1 on a CPU-only machine)."""
+
+    num_nodes: int = -1
+    """Nodes to use from the hostfile (-1: all)."""
+
+    hostfile: Optional[str] = None
+    """DeepSpeed hostfile for multi-node runs (`host slots=N` lines)."""
+
+    include: Optional[str] = None
+    """DeepSpeed --include, e.g. 'host1:0,1@host2'."""
+
+    exclude: Optional[str] = None
+    """DeepSpeed --exclude."""
+
+    master_port: int = 29500
+    """Rendezvous port."""
+
+    master_addr: Optional[str] = None
+    """Rendezvous address (multi-node)."""
+
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm"] = "pdsh"
+    """Multi-node launcher DeepSpeed uses."""
+
+    deepspeed_slurm: bool = False
+    """Started by srun: read ranks from Slurm's environment instead of launching."""
+
+
+SECTIONS = {
+    "model": ModelArgs,
+    "parallel": ParallelArgs,
+    "optimizer": OptimizerArgs,
+    "lr": LRArgs,
+    "data": DataArgs,
+    "tokenizer": TokenizerArgs,
+    "precision": PrecisionArgs,
+    "training": TrainingArgs,
+    "checkpoint": CheckpointArgs,
+    "logging": LoggingArgs,
+    "launcher": LauncherArgs,
+}
+"""Section name on NeoXArgs -> its dataclass."""
+
+
+@dataclass
+class DerivedArgs:
+    """Values computed from the sections once (deepy.py) and never written by the user."""
+
+    world_size: int = 1
+    """Total ranks = num_nodes * num_gpus."""
+
+    data_parallel_size: int = 1
+    """world_size / (model_parallel_size * max(pipe_parallel_size, 1))."""
+
+    train_batch_size: int = 1
+    """micro * grad_acc * data_parallel_size."""
+
+    train_micro_batch_size_per_gpu: int = 1
+    """Resolved micro batch."""
+
+    gradient_accumulation_steps: int = 1
+    """Resolved accumulation."""
+
+    num_kv_heads: int = 1
+    """Resolved key/value heads."""
+
+    intermediate_size: int = 1
+    """Resolved MLP width."""
+
+    max_position_embeddings: int = 1
+    """Resolved max positions."""
+
+    lr_decay_iters: int = 1
+    """Resolved decay length."""
+
+    warmup_iters: int = 0
+    """round(warmup * lr_decay_iters)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Resolved compute format."""
+
+    vocab_size: int = 0
+    """Tokenizer vocabulary before padding (set when the tokenizer is known)."""
+
+    padded_vocab_size: int = 0
+    """vocab_size rounded up to make_vocab_size_divisible_by * model_parallel_size."""
