@@ -1,0 +1,158 @@
+"""Save and resume a training run around DeepSpeed's `engine.save_checkpoint` / `load_checkpoint`.
+
+What a resume needs besides weights and optimizer state (which DeepSpeed stores): the iteration, how many
+samples were consumed (the data position), and every RNG state (Python, numpy, torch CPU/CUDA, the
+tensor-parallel RNG tracker), so that the run continues exactly as if it had never stopped.
+
+Order of a save: every rank writes its files -> barrier -> rank 0 writes `neox_args.json` and the
+`complete` marker -> rank 0 switches `latest` atomically -> rank 0 prunes old checkpoints -> barrier.
+A crash anywhere before the switch leaves `latest` on the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.checkpointing.layout import (
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    TAG_PATTERN,
+    CheckpointError,
+    complete_tags,
+    read_latest_tag,
+    rng_state_path,
+    tag_for_iteration,
+    torch_load,
+    write_latest,
+)
+
+
+@dataclass
+class TrainProgress:
+    """Where the run stands; saved with every checkpoint."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def capture_rng_states() -> dict:
+    from megatron.mpu.random import get_rng_tracker
+
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": get_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    from megatron.mpu.random import get_rng_tracker
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["torch_cuda"])
+    get_rng_tracker().set_states(states["tracker"])
+
+
+def save_checkpoint(engine, args, progress: TrainProgress) -> str:
+    """Save the run at `progress.iteration` into `args.checkpoint.save`; returns the tag."""
+    save_dir = args.checkpoint.save
+    tag = tag_for_iteration(progress.iteration)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        stale = os.path.join(save_dir, tag)
+        if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, COMPLETE_MARKER)):
+            shutil.rmtree(stale)  # a partial save of this same step from an interrupted run
+    _barrier()
+    client_state = {"progress": asdict(progress)}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_states(), rng_state_path(save_dir, tag, rank))
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(save_dir, tag, CONFIG_FILE), "w") as handle:
+            handle.write(args.serialize())
+        with open(os.path.join(save_dir, tag, COMPLETE_MARKER), "w") as handle:
+            handle.write(f"{progress.iteration}\n")
+        write_latest(save_dir, tag)
+        prune_checkpoints(save_dir, args.checkpoint.keep_last_n_checkpoints)
+    _barrier()
+    return tag
+
+
+def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last_n`, and partial saves older than latest."""
+    complete = complete_tags(save_dir)
+    newest_step = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1
+    doomed = complete[:-keep_last_n] if keep_last_n else []
+    for name in os.listdir(save_dir):
+        match = TAG_PATTERN.match(name)
+        if match and name not in complete and int(match.group(1)) < newest_step:
+            doomed.append(name)
+    for name in doomed:
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+
+
+def _check_compatible(saved_args, args, path: str) -> None:
+    """Refuse to load weights into a model of another shape, with a message naming the keys."""
+    saved, current = asdict(saved_args.model), asdict(args.model)
+    shape_keys = ["num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+                  "pos_emb", "norm", "activation", "no_weight_tying", "use_bias_in_norms",
+                  "use_bias_in_attn_linear", "use_bias_in_mlp", "gpt_j_residual"]
+    diffs = [f"{key}: checkpoint {saved[key]!r}, config {current[key]!r}" for key in shape_keys
+             if saved[key] != current[key]]
+    if saved_args.parallel.model_parallel_size != args.parallel.model_parallel_size:
+        diffs.append(f"model_parallel_size: checkpoint {saved_args.parallel.model_parallel_size}, config "
+                     f"{args.parallel.model_parallel_size} (reshard with tools/ckpts first)")
+    if diffs:
+        raise CheckpointError(f"load: the checkpoint at {path} was written for another model shape; "
+                              f"make the config match it:\n  " + "\n  ".join(diffs))
+
+
+def load_checkpoint(engine, args) -> TrainProgress:
+    """Resume from `args.checkpoint.load` (its `latest`); with `finetune`, load weights only."""
+    from megatron.neox_args import NeoXArgs
+
+    load_dir = args.checkpoint.load
+    tag = read_latest_tag(load_dir)
+    path = os.path.join(load_dir, tag)
+    with open(os.path.join(path, CONFIG_FILE)) as handle:
+        _check_compatible(NeoXArgs.from_serialized(handle.read()), args, path)
+    finetune = args.checkpoint.finetune
+    try:
+        load_path, client_state = engine.load_checkpoint(
+            load_dir, tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune,
+            load_module_only=finetune)
+    except Exception as exc:
+        raise CheckpointError(f"load: DeepSpeed could not read checkpoint {path}: {exc.__class__.__name__}: "
+                              f"{exc}. The files may be corrupted; resume from an older tag by writing it "
+                              f"into {os.path.join(load_dir, 'latest')}.") from None
+    if load_path is None:
+        raise CheckpointError(f"load: DeepSpeed found no checkpoint at {path}.")
+    if finetune:
+        return TrainProgress()
+    restore_rng_states(torch_load(rng_state_path(load_dir, tag, _rank()), "RNG states"))
+    return TrainProgress(**client_state["progress"])

@@ -1,0 +1,143 @@
+"""The training loop: micro-batches through the DeepSpeed engine, evaluation, logging, checkpoints.
+
+One iteration = one optimizer step = `gradient_accumulation_steps` micro-batches on every data-parallel
+rank. DeepSpeed scales each micro-batch loss by 1/grad_acc, averages gradients over the data-parallel group
+at the accumulation boundary, clips, steps the optimizer and the LR schedule.
+
+The step never waits on the device: losses are summed on the device and read (one all-reduce over the
+data-parallel group, one host copy) only every `log_interval` iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron.checkpointing.resume import TrainProgress, save_checkpoint
+
+
+class Trainer:
+    def __init__(self, args, engine, model, parallel, iterators, logger, meter, progress: TrainProgress):
+        self.args = args
+        self.engine = engine
+        self.model = model  # the GPTModel inside the engine (for .loss)
+        self.parallel = parallel
+        self.train_iter, self.valid_iter, self.test_iter = iterators
+        self.logger = logger
+        self.meter = meter
+        self.progress = progress
+        self.device = engine.device
+        self.grad_acc = args.derived.gradient_accumulation_steps
+        self.global_batch = args.derived.train_batch_size
+        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        self._loss_count = 0
+        self._skipped = 0
+
+    # ----------------------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        batch = self._to_device(batch)
+        logits = self.engine(batch["tokens"])  # [b, s, vocab/tp]
+        return self.model.loss(logits, batch["labels"], batch["loss_mask"])
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_acc micro-batches."""
+        self.engine.train()
+        for _ in range(self.grad_acc):
+            loss = self._forward_loss(next(self.train_iter))
+            self.engine.backward(loss)
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            self._loss_sum += loss.detach().float()
+            self._loss_count += 1
+        if hasattr(self.engine, "was_step_skipped") and self.engine.was_step_skipped():
+            self._skipped += 1
+        self.progress.iteration += 1
+        self.progress.consumed_train_samples += self.global_batch
+
+    # ----------------------------------------------------------------------------------------------------
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        """Average a device scalar over the data-parallel group and copy it to the host."""
+        value = value.detach().clone()
+        if dist.is_initialized() and self.parallel.dp_size > 1:
+            dist.all_reduce(value, group=self.parallel.dp_group)
+            value /= self.parallel.dp_size
+        return float(value)
+
+    def _grad_norm(self):
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def _log_train(self, step_seconds: float) -> None:
+        loss = self._dp_mean(self._loss_sum / max(self._loss_count, 1))
+        record = {
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": self._grad_norm(),
+            "skipped_steps": self._skipped,
+            "consumed_samples": self.progress.consumed_train_samples,
+        }
+        record.update(self.meter.update(self.progress.iteration, step_seconds))
+        self.logger.log_train(self.progress.iteration, record)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+
+    # ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, iterator, name: str = "valid") -> float | None:
+        if iterator is None:
+            return None
+        self.engine.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        for _ in range(self.args.training.eval_iters):
+            for _ in range(self.grad_acc):
+                total += self._forward_loss(next(iterator)).float()
+                if name == "valid":
+                    self.progress.consumed_valid_samples += self.args.derived.train_micro_batch_size_per_gpu * \
+                        self.parallel.dp_size
+        loss = self._dp_mean(total / (self.args.training.eval_iters * self.grad_acc))
+        self.logger.log_eval(self.progress.iteration, loss, math.exp(min(loss, 50.0)), name=name)
+        self.engine.train()
+        return loss
+
+    def _should_save(self) -> bool:
+        factor = self.args.checkpoint.checkpoint_factor
+        return bool(self.args.checkpoint.save and factor and self.progress.iteration % factor == 0)
+
+    def save(self) -> None:
+        tag = save_checkpoint(self.engine, self.args, self.progress)
+        self.logger.info(f"saved checkpoint {self.args.checkpoint.save}/{tag}")
+
+    # ----------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run until train_iters; returns the last logged values (for tests and callers)."""
+        training = self.args.training
+        log_interval = self.args.logging.log_interval
+        last_saved = None
+        interval_start = time.perf_counter()
+        steps_in_interval = 0
+        while self.progress.iteration < training.train_iters:
+            self.train_step()
+            steps_in_interval += 1
+            it = self.progress.iteration
+            if it % log_interval == 0 or it == training.train_iters:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - interval_start
+                self._log_train(elapsed / steps_in_interval)
+                interval_start = time.perf_counter()
+                steps_in_interval = 0
+            if training.eval_interval and it % training.eval_interval == 0 and it < training.train_iters:
+                self.evaluate(self.valid_iter)
+            if self._should_save():
+                self.save()
+                last_saved = it
+        final = {"valid_loss": self.evaluate(self.valid_iter)}
+        if self.args.checkpoint.save and last_saved != self.progress.iteration:
+            self.save()
+        self.logger.close()
+        return final
