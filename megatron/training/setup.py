@@ -1,0 +1,92 @@
+"""Build everything a run needs, in order, from the resolved NeoXArgs (called by train.py on every rank).
+
+    distributed (nccl on GPU, gloo on CPU) -> parallel groups -> seeds -> tokenizer (vocab size)
+    -> data (bundled corpus built on first use) -> model -> optimizer + LR schedule
+    -> deepspeed.initialize -> resume -> data iterators at the resumed position -> logger, meter
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron.checkpointing.resume import TrainProgress, load_checkpoint
+
+
+def init_distributed() -> str:
+    """Start torch.distributed through DeepSpeed from the launcher's environment; returns the device type."""
+    import deepspeed
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    return "cuda" if use_cuda else "cpu"
+
+
+def prepare_bundled_data(data_args) -> None:
+    """Build the bundled corpus once per node when the config points at it (others wait)."""
+    from megatron.data.bundled import BUNDLED_PREFIX_ROOT, ensure_bundled_data
+
+    prefixes = [data_args.data_path] if data_args.data_path else []
+    for paths in (data_args.train_data_paths, data_args.valid_data_paths, data_args.test_data_paths):
+        prefixes += list(paths or [])
+    for prefix in prefixes:
+        if prefix.startswith(BUNDLED_PREFIX_ROOT):
+            ensure_bundled_data(prefix)
+
+
+def build_engine(args, model, device_type: str, parallel):
+    import deepspeed
+
+    from megatron.training.lr_schedule import WarmupDecayLR
+    from megatron.training.optimizer import build_optimizer
+
+    optimizer = build_optimizer(model, args.optimizer, args.parallel.zero_optimization, device_type)
+    scheduler = WarmupDecayLR(optimizer, max_lr=args.optimizer.lr, min_lr=args.lr.min_lr,
+                              warmup_iters=args.derived.warmup_iters, decay_iters=args.derived.lr_decay_iters,
+                              decay_style=args.lr.lr_decay_style)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=args.deepspeed_config(), mpu=parallel.deepspeed_mpu())
+    return engine
+
+
+def build_and_train(args) -> dict:
+    """The whole run on this rank; returns the trainer's final values."""
+    from megatron.data import build_train_valid_test_data_iterators
+    from megatron.logging import MetricsLogger
+    from megatron.model import GPTModel
+    from megatron.mpu import initialize_model_parallel
+    from megatron.mpu.random import model_parallel_seed
+    from megatron.tokenizer import build_tokenizer
+    from megatron.training.metrics import ThroughputMeter
+    from megatron.training.trainer import Trainer
+
+    device_type = init_distributed()
+    parallel = initialize_model_parallel(args.parallel.model_parallel_size,
+                                         max(args.parallel.pipe_parallel_size, 1),
+                                         sequence_parallel=args.parallel.sequence_parallel)
+    model_parallel_seed(args.training.seed, parallel)
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    args.set_vocab_size(tokenizer.vocab_size)
+    prepare_bundled_data(args.data)
+
+    model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision)
+    engine = build_engine(args, model, device_type, parallel)
+
+    progress = TrainProgress()
+    if args.checkpoint.load:
+        progress = load_checkpoint(engine, args)
+
+    iterators = build_train_valid_test_data_iterators(
+        args.data, args.training, args.derived, args.model.seq_length, parallel,
+        consumed_train_samples=progress.consumed_train_samples,
+        consumed_valid_samples=progress.consumed_valid_samples, seed=args.training.seed)
+
+    rank = torch.distributed.get_rank()
+    logger = MetricsLogger(args.logging, args.logging.log_dir, rank, args.to_dict())
+    meter = ThroughputMeter.for_run(args, device_type)
+    trainer = Trainer(args, engine, model, parallel, iterators, logger, meter, progress)
+    return trainer.train()
