@@ -1,0 +1,237 @@
+"""Where a run reports its metrics: a console line, `<run_dir>/metrics.jsonl`, TensorBoard and W&B.
+
+One `MetricsLogger` per process. Only the logging ranks (rank 0 unless told otherwise) write anything;
+on the others every method is a no-op, so the trainer can call them unconditionally.
+
+Console line (one per call of `log_train`, which the trainer makes every `log_interval` iterations):
+
+    iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | MFU 38.1% | step 0.41s | ETA 6m02s
+
+Each logged step is also one JSON object on its own line of `metrics.jsonl` (`"type": "train"` or
+`"type": "eval"`), flushed at once so a crash loses nothing already reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Optional, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_count(value: float) -> str:
+    """Short human count: 950 -> '950', 41200 -> '41.2k', 3.1e6 -> '3.10M', 2e9 -> '2.00G'."""
+    magnitude = abs(value)
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= threshold:
+            scaled = value / threshold
+            return f"{scaled:.1f}{suffix}" if abs(scaled) >= 10 else f"{scaled:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """Short human duration: 0.41 -> '0.41s', 362 -> '6m02s', 7384 -> '2h03m', 2 days -> '2d00h'."""
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    minutes, secs = divmod(whole, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def format_number(value: float) -> str:
+    """A metric value: 4 significant digits, scientific notation when tiny or huge (1.23e-05)."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    return f"{value:.2e}"
+
+
+def format_train_line(iteration: int, total_iters: Optional[int], values: dict) -> str:
+    """The console line for one training log point, from the same values that go to metrics.jsonl."""
+    progress = f"iter {iteration}/{total_iters}" if total_iters else f"iter {iteration}"
+    parts = [progress]
+    if values.get("loss") is not None:
+        parts.append(f"loss {values['loss']:.3f}")
+    if values.get("lr") is not None:
+        parts.append(f"lr {values['lr']:.1e}")
+    if values.get("grad_norm") is not None:
+        parts.append(f"grad_norm {values['grad_norm']:.2f}")
+    if values.get("tokens_per_s") is not None:
+        parts.append(f"tok/s {format_count(values['tokens_per_s'])}")
+        parts.append(f"TFLOP/s {values['tflops_per_device']:.1f}")
+        mfu = values.get("mfu")
+        parts.append(f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU n/a")
+        parts.append(f"step {format_duration(values['step_time_s'])}")
+        parts.append(f"ETA {format_duration(values.get('eta_s'))}")
+    known = {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "step_time_s", "eta_s",
+             "elapsed_s"}
+    for key, value in values.items():
+        if key not in known and isinstance(value, (int, float)):
+            parts.append(f"{key} {format_number(value)}")
+    return " | ".join(parts)
+
+
+def _open_wandb(logging_args, run_dir: str, config: dict):
+    """Start a W&B run; offline unless an API key (or an explicit WANDB_MODE) is set, so it never prompts."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError(
+            "use_wandb is set but the wandb package is not installed: pip install wandb, "
+            "or set use_wandb: false."
+        ) from err
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(
+        project=logging_args.wandb_project,
+        group=logging_args.wandb_group,
+        name=os.path.basename(os.path.normpath(run_dir)),
+        dir=run_dir,
+        config=config,
+        mode=mode,
+    )
+
+
+class MetricsLogger:
+    """Writes training and evaluation metrics of one run to every configured sink.
+
+    Args:
+        logging_args: the `LoggingArgs` section (log_interval, tensorboard_dir, use_wandb, wandb_*).
+        run_dir: the run directory (deepy.py made it); `metrics.jsonl` is written there.
+        rank: this process's global rank.
+        neox_args_dict: `NeoXArgs.to_dict()`; W&B run config, TensorBoard text, and `train_iters` for the
+            progress shown in the console line.
+        log_ranks: ranks that write (default only rank 0).
+        stream: where console lines go (default stdout).
+    """
+
+    def __init__(
+        self,
+        logging_args,
+        run_dir: str,
+        rank: int,
+        neox_args_dict: Optional[dict] = None,
+        *,
+        log_ranks: Iterable[int] = (0,),
+        stream: Optional[TextIO] = None,
+    ):
+        self.args = logging_args
+        self.run_dir = run_dir
+        self.rank = rank
+        self.enabled = rank in set(log_ranks)
+        self.total_iters = (neox_args_dict or {}).get("train_iters")
+        self._stream = stream
+        self._jsonl = None
+        self._tensorboard = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")
+        if logging_args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=logging_args.tensorboard_dir)
+            if neox_args_dict:
+                self._tensorboard.add_text("config", "```\n" + json.dumps(neox_args_dict, indent=2) + "\n```")
+        if logging_args.use_wandb:
+            self._wandb = _open_wandb(logging_args, run_dir, neox_args_dict or {})
+
+    def should_log(self, iteration: int) -> bool:
+        """True at the iterations where the trainer should call `log_train` (every `log_interval`)."""
+        return iteration % self.args.log_interval == 0
+
+    def log_train(
+        self,
+        iteration: int,
+        *,
+        loss: Optional[float],
+        lr: Optional[float],
+        grad_norm: Optional[float] = None,
+        throughput=None,
+        **extra: Any,
+    ) -> None:
+        """Report one training log point.
+
+        `throughput` is a `ThroughputStats` from `megatron.training.metrics.ThroughputMeter` (or None);
+        `extra` holds any other scalars (loss_scale, skipped_iters, ...), shown after the standard fields.
+        """
+        if not self.enabled:
+            return
+        values: dict = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if throughput is not None:
+            values.update(
+                tokens_per_s=throughput.tokens_per_s,
+                tflops_per_device=throughput.tflops_per_device,
+                mfu=throughput.mfu,
+                step_time_s=throughput.step_time_s,
+                eta_s=throughput.eta_s,
+                elapsed_s=throughput.elapsed_s,
+            )
+        values.update(extra)
+        values = {key: _plain(value) for key, value in values.items()}
+        self._print(format_train_line(iteration, self.total_iters, values))
+        self._write_record("train", iteration, values)
+
+    def log_eval(self, iteration: int, loss: float, ppl: Optional[float] = None) -> None:
+        """Report an evaluation: mean loss and perplexity (exp(loss) when not given)."""
+        if not self.enabled:
+            return
+        loss = _plain(loss)
+        if ppl is None:
+            ppl = math.exp(min(loss, 700.0))
+        values = {"loss": loss, "ppl": _plain(ppl)}
+        self._print(f"eval iter {iteration} | loss {loss:.4f} | ppl {format_number(values['ppl'])}")
+        self._write_record("eval", iteration, values)
+
+    def close(self) -> None:
+        """Flush and close every sink (safe to call twice)."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _print(self, line: str) -> None:
+        stream = self._stream if self._stream is not None else sys.stdout
+        print(line, file=stream, flush=True)
+
+    def _write_record(self, kind: str, iteration: int, values: dict) -> None:
+        present = {key: value for key, value in values.items() if value is not None}
+        record = {"type": kind, "iteration": iteration, "time": time.time(), **present}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for key, value in present.items():
+                if isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"{kind}/{key}", value, iteration)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{key}": value for key, value in present.items()}, step=iteration)
+
+
+def _plain(value):
+    """A Python scalar from a 0-d tensor or numpy scalar (without importing either); others unchanged."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
