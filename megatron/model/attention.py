@@ -1,0 +1,152 @@
+"""Causal self-attention with tensor-parallel heads, grouped-query attention and rotary embeddings.
+
+QKV layout. One fused column-parallel projection produces, for each of the `num_kv_heads` key/value
+groups g, the columns `[q heads of group g (q_per_kv of them), k_g, v_g]`, each `head_dim` wide:
+
+    linear_qkv.weight rows = [ q_0 .. q_{r-1}, k_0, v_0 | q_r .. q_{2r-1}, k_1, v_1 | ... ]   r = q_per_kv
+
+A contiguous tensor-parallel shard of the rows therefore holds `num_kv_heads/tp` whole groups, i.e.
+`num_attention_heads/tp` query heads with their own keys and values. With plain multi-head attention
+(r = 1) this is exactly HF GPT-NeoX's `query_key_value` layout ([q_h, k_h, v_h] per head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.model.init import init_fn
+from megatron.model.positional import RotaryEmbedding, apply_rotary
+from megatron.mpu.initialize import ParallelState
+from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.mpu.random import get_rng_tracker
+from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+try:  # optional: attention_impl "flash"
+    from flash_attn import flash_attn_func
+except ImportError:  # checked at model build (ParallelSelfAttention.__init__)
+    flash_attn_func = None
+
+_SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def sdpa_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v through torch SDPA, without materializing a mask.
+
+    q `[b, nq, s, d]`, k and v `[b, nkv, s, d]` with nkv dividing nq: query head i attends with kv head
+    i // (nq / nkv) (grouped-query attention). Returns `[b, nq, s, d]`. `backend` forces one SDPA kernel.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and backend in ("efficient", "cudnn"):
+        # these kernels may not take enable_gqa: repeat each kv head for its query heads (exact)
+        repeats = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+        gqa = False
+    kwargs = dict(dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """As `sdpa_causal_attention` (same shapes), through the flash-attn package (GPU, fp16/bf16)."""
+    out = flash_attn_func(  # flash-attn takes [b, s, heads, d] and handles nkv < nq itself
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
+    )
+    return out.transpose(1, 2)
+
+
+class ParallelSelfAttention(nn.Module):
+    """x `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism) -> same shape.
+
+    Each tensor rank owns `num_local_heads` query heads and `num_local_kv_heads` key/value heads.
+    """
+
+    def __init__(
+        self,
+        model: ModelArgs,
+        derived: DerivedArgs,
+        parallel: ParallelState,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        tp = parallel.tp_size
+        num_heads, num_kv_heads = model.num_attention_heads, derived.num_kv_heads
+        if model.hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {model.hidden_size} must be divisible by num_attention_heads {num_heads}")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_attention_heads {num_heads} must be divisible by num_kv_heads {num_kv_heads}")
+        if num_kv_heads % tp != 0:
+            raise ValueError(
+                f"num_kv_heads {num_kv_heads} (and num_attention_heads {num_heads}) must be divisible by "
+                f"model_parallel_size {tp}: each tensor rank holds whole key/value groups"
+            )
+        if model.attention_impl == "flash" and flash_attn_func is None:
+            raise ImportError(
+                "attention_impl: flash needs the flash-attn package: pip install flash-attn, "
+                "or set attention_impl: sdpa"
+            )
+        self.head_dim = model.hidden_size // num_heads
+        self.q_per_kv = num_heads // num_kv_heads
+        self.num_local_kv_heads = num_kv_heads // tp
+        self.num_local_heads = num_heads // tp
+        self.attention_dropout = model.attention_dropout
+        self.attention_impl = model.attention_impl
+        self.sdpa_backend = model.sdpa_backend
+        self.rotary = (
+            RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
+        )
+
+        sp = parallel.sequence_parallel
+        bias = model.use_bias_in_attn_linear
+        self.linear_qkv = ColumnParallelLinear(
+            model.hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, tp_group=parallel.tp_group,
+            bias=bias, gather_output=False, sequence_parallel=sp,
+            init_method=init_fn(model.init_method, model), params_dtype=dtype,
+        )
+        self.linear_proj = RowParallelLinear(
+            num_heads * self.head_dim, model.hidden_size, tp_group=parallel.tp_group,
+            bias=bias, input_is_parallel=True, sequence_parallel=sp,
+            init_method=init_fn(model.output_layer_init_method, model), params_dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.linear_qkv(x)  # [s, b, local_kv * (q_per_kv + 2) * d] (full sequence)
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.num_local_kv_heads, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, self.num_local_heads, self.head_dim)
+        k = qkv[:, :, :, self.q_per_kv]  # [s, b, local_kv, d]
+        v = qkv[:, :, :, self.q_per_kv + 1]  # [s, b, local_kv, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(s, q.device)  # [s, rotary_ndims]
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+
+        dropout_p = self.attention_dropout if self.training else 0.0
+        # attention probabilities belong to the local heads (sharded): their dropout draws from the
+        # tensor-rank RNG stream
+        rng = get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
+        with rng:
+            if self.attention_impl == "flash":
+                out = flash_causal_attention(q, k, v, dropout_p)
+            else:
+                out = sdpa_causal_attention(q, k, v, dropout_p, self.sdpa_backend)  # [b, local_heads, s, d]
+
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.num_local_heads * self.head_dim)  # [s, b, h/tp]
+        return self.linear_proj(out)  # [s, b, h] or [s/tp, b, h]

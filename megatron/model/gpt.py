@@ -1,0 +1,194 @@
+"""The GPT-NeoX / Llama-style decoder, read top to bottom like single-device code.
+
+    tokens [b, s] -> embedding [s, b, h] -> num_layers x TransformerLayer -> final norm
+                  -> output head -> logits [b, s, padded_vocab/tp]
+
+Tensor parallelism comes only from the mpu layers it is built from (column/row-parallel linears,
+the vocab-parallel embedding); each rank holds `num_local_heads` heads and `intermediate_size/tp` MLP
+columns. Under sequence parallelism the residual stream (embedding output, norms, dropout, residual
+adds) is the local sequence shard `[s/tp, b, h]`; column-parallel layers all-gather it and row-parallel
+layers reduce-scatter back to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.model.attention import ParallelSelfAttention
+from megatron.model.init import init_fn
+from megatron.model.mlp import ParallelMLP
+from megatron.model.norms import build_norm
+from megatron.model.positional import LearnedPositionEmbedding
+from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy
+from megatron.mpu.initialize import ParallelState
+from megatron.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel_param
+from megatron.mpu.mappings import copy_to_tensor_parallel_region, gather_from_sequence_parallel_region
+from megatron.mpu.random import checkpoint, get_rng_tracker
+from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel: bool) -> torch.Tensor:
+    """Dropout on the residual stream. Replicated activations use the default RNG (same mask on every
+    tensor rank); sequence-sharded ones (SP) draw from the tensor-rank stream (a different mask per shard)."""
+    if not training or p == 0.0:
+        return x
+    rng = get_rng_tracker().fork() if sequence_parallel else contextlib.nullcontext()
+    with rng:
+        return F.dropout(x, p=p, training=True)
+
+
+class Embedding(nn.Module):
+    """tokens [b, s] -> [s, b, h] (or this rank's sequence shard [s/tp, b, h] under SP)."""
+
+    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.parallel = parallel
+        self.dropout = model.hidden_dropout
+        init_method = init_fn(model.init_method, model)
+        self.word_embeddings = VocabParallelEmbedding(
+            derived.padded_vocab_size, model.hidden_size, tp_group=parallel.tp_group, init_method=init_method,
+            sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
+        )
+        self.position_embeddings = None
+        if model.pos_emb == "learned":
+            self.position_embeddings = LearnedPositionEmbedding(
+                derived.max_position_embeddings, model.hidden_size, init_method, dtype=dtype
+            )
+            if parallel.sequence_parallel:  # each rank adds only its shard's positions
+                mark_sequence_parallel_param(self.position_embeddings.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens.t())  # [s, b, h] or [s/tp, b, h]
+        if self.position_embeddings is not None:
+            offset = self.parallel.tp_rank * x.shape[0] if self.parallel.sequence_parallel else 0
+            x = x + self.position_embeddings(x.shape[0], offset)  # [s_local, 1, h] broadcast over b
+        return hidden_dropout(x, self.dropout, self.training, self.parallel.sequence_parallel)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block; x [s, b, h] (or [s/tp, b, h] under SP) -> same shape.
+
+    sequential:               x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+    parallel (gpt_j_residual): x = x + attn(norm1(x)) + mlp(norm2(x))
+    """
+
+    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        sp = parallel.sequence_parallel
+        self.sequence_parallel = sp
+        self.gpt_j_residual = model.gpt_j_residual
+        self.dropout = model.hidden_dropout
+        self.input_norm = build_norm(model, sp, dtype)
+        self.attention = ParallelSelfAttention(model, derived, parallel, dtype)
+        self.post_attention_norm = build_norm(model, sp, dtype)
+        self.mlp = ParallelMLP(model, derived, parallel, dtype)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return hidden_dropout(x, self.dropout, self.training, self.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self._dropout(self.attention(self.input_norm(x)))
+        if self.gpt_j_residual:
+            mlp = self._dropout(self.mlp(self.post_attention_norm(x)))
+            return x + attn + mlp
+        x = x + attn
+        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+
+
+class GPTModel(nn.Module):
+    """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard).
+
+    Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
+    `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
+    (`mpu.random.checkpoint`, dropout masks replayed); `torch_compile` compiles each layer in place.
+    """
+
+    def __init__(
+        self,
+        model: ModelArgs,
+        derived: DerivedArgs,
+        parallel: ParallelState,
+        precision: str = "fp32",
+        *,
+        checkpoint_activations: bool = False,
+        checkpoint_num_layers: int = 1,
+        torch_compile: bool = False,
+    ):
+        super().__init__()
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        if checkpoint_num_layers < 1:
+            raise ValueError(f"checkpoint_num_layers must be >= 1, got {checkpoint_num_layers}")
+        dtype = DTYPES[precision]
+        self.parallel = parallel
+        self.tied = not model.no_weight_tying
+        self.checkpoint_activations = checkpoint_activations
+        self.checkpoint_num_layers = checkpoint_num_layers
+
+        self.embedding = Embedding(model, derived, parallel, dtype)
+        self.layers = nn.ModuleList(
+            TransformerLayer(model, derived, parallel, dtype) for _ in range(model.num_layers)
+        )
+        self.final_norm = build_norm(model, parallel.sequence_parallel, dtype)
+        if self.tied:
+            self.output_layer = None  # logits through embedding.word_embeddings.weight
+        else:
+            self.output_layer = ColumnParallelLinear(
+                model.hidden_size, derived.padded_vocab_size, tp_group=parallel.tp_group, bias=False,
+                gather_output=False, sequence_parallel=parallel.sequence_parallel,
+                init_method=init_fn(model.init_method, model), params_dtype=dtype,
+            )
+        if torch_compile:
+            for layer in self.layers:
+                layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
+
+    def _run_layers(self, start: int, end: int):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers[start:end]:
+                x = layer(x)
+            return x
+
+        return run
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, s = tokens.shape
+        if self.parallel.sequence_parallel and s % self.parallel.tp_size != 0:
+            raise ValueError(f"sequence_parallel needs seq_length {s} divisible by model_parallel_size "
+                             f"{self.parallel.tp_size}")
+        x = self.embedding(tokens)  # [s, b, h] or [s/tp, b, h]
+
+        n = len(self.layers)
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            for start in range(0, n, self.checkpoint_num_layers):
+                x = checkpoint(self._run_layers(start, min(start + self.checkpoint_num_layers, n)), x)
+        else:
+            x = self._run_layers(0, n)(x)
+
+        x = self.final_norm(x)
+        logits = self.output_logits(x)  # [s, b, padded_vocab/tp]
+        return logits.transpose(0, 1).contiguous()  # [b, s, padded_vocab/tp]
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [s, b, h] (or [s/tp, b, h] under SP) -> logits [s, b, padded_vocab/tp]."""
+        if self.output_layer is not None:
+            return self.output_layer(x)
+        # tied: logits = x E^T with E the vocab-parallel embedding: a column-parallel product whose input
+        # is replicated (its gradient is summed over the tensor group) or all-gathered from the SP shards
+        group = self.parallel.tp_group
+        if self.parallel.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, group, seq_dim=0)  # [s, b, h]
+        else:
+            x = copy_to_tensor_parallel_region(x, group)
+        return F.linear(x, self.embedding.word_embeddings.weight)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Mean vocab-parallel cross entropy over the tokens where loss_mask is nonzero (a scalar, fp32)."""
+        losses = vocab_parallel_cross_entropy(logits, labels, self.parallel.tp_group)  # [b, s]
+        mask = loss_mask.to(losses.dtype)
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,58 @@
+"""The feed-forward block: gelu / relu MLP, or the gated SwiGLU MLP (Llama).
+
+    gelu/relu:  y = fc2(act(fc1(x)))
+    swiglu:     y = fc2(silu(gate(x)) * fc1(x))        (fc1 is Llama's up_proj, fc2 its down_proj)
+
+fc1 and gate are column-parallel (each rank holds intermediate/tp of the columns; the gate and up shards
+of a rank cover the same columns, so the product is local), fc2 is row-parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.model.init import init_fn
+from megatron.mpu.initialize import ParallelState
+from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+
+class ParallelMLP(nn.Module):
+    """x `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism) -> same shape."""
+
+    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if model.activation not in ("gelu", "relu", "swiglu"):
+            raise ValueError(f"activation must be gelu, relu or swiglu, got {model.activation!r}")
+        if derived.intermediate_size % parallel.tp_size != 0:
+            raise ValueError(
+                f"intermediate_size {derived.intermediate_size} must be divisible by model_parallel_size "
+                f"{parallel.tp_size}"
+            )
+        self.activation = model.activation
+        column = dict(
+            tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, gather_output=False,
+            sequence_parallel=parallel.sequence_parallel, init_method=init_fn(model.init_method, model),
+            params_dtype=dtype,
+        )
+        h, ffn = model.hidden_size, derived.intermediate_size
+        self.linear_fc1 = ColumnParallelLinear(h, ffn, **column)
+        self.linear_gate = ColumnParallelLinear(h, ffn, **column) if self.activation == "swiglu" else None
+        self.linear_fc2 = RowParallelLinear(
+            ffn, h, tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, input_is_parallel=True,
+            sequence_parallel=parallel.sequence_parallel,
+            init_method=init_fn(model.output_layer_init_method, model), params_dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.linear_fc1(x)  # [s, b, ffn/tp]
+        if self.activation == "swiglu":
+            inner = F.silu(self.linear_gate(x)) * up
+        elif self.activation == "gelu":
+            inner = F.gelu(up)  # exact (erf) gelu, as GPT-NeoX and HF "gelu"
+        else:
+            inner = F.relu(up)
+        return self.linear_fc2(inner)  # [s, b, h] or [s/tp, b, h]
