@@ -8,7 +8,7 @@ Console line (one per call of `log_train`, which the trainer makes every `log_in
     iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | MFU 38.1% | step 0.41s | ETA 6m02s
 
 Each logged step is also one JSON object on its own line of `metrics.jsonl` (`"type": "train"` or
-`"type": "eval"`), flushed at once so a crash loses nothing already reported.
+`"type": "eval"` with the split's `"name"`), flushed at once so a crash loses nothing already reported.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Iterable, Mapping, Optional, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,7 +77,11 @@ def format_train_line(iteration: int, total_iters: Optional[int], values: dict) 
     known = {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "step_time_s", "eta_s",
              "elapsed_s"}
     for key, value in values.items():
-        if key not in known and isinstance(value, (int, float)):
+        if key in known or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            parts.append(f"{key} {value}")
+        elif isinstance(value, float):
             parts.append(f"{key} {format_number(value)}")
     return " | ".join(parts)
 
@@ -154,45 +158,50 @@ class MetricsLogger:
     def log_train(
         self,
         iteration: int,
+        values: Optional[Mapping[str, Any]] = None,
         *,
-        loss: Optional[float],
-        lr: Optional[float],
+        loss: Optional[float] = None,
+        lr: Optional[float] = None,
         grad_norm: Optional[float] = None,
-        throughput=None,
+        throughput: Optional[Mapping[str, Any]] = None,
         **extra: Any,
     ) -> None:
         """Report one training log point.
 
-        `throughput` is a `ThroughputStats` from `megatron.training.metrics.ThroughputMeter` (or None);
-        `extra` holds any other scalars (loss_scale, skipped_iters, ...), shown after the standard fields.
+        Values come from `values` (a dict, e.g. the trainer's record already merged with a
+        `ThroughputStats`), and/or the keyword arguments: `throughput` is a `ThroughputStats` from
+        `megatron.training.metrics.ThroughputMeter`; `extra` holds any other scalars (loss_scale, ...).
+        Standard fields (loss, lr, grad_norm, throughput) are shown first on the console, the rest after.
+        None values are left out of the records.
         """
         if not self.enabled:
             return
-        values: dict = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-        if throughput is not None:
-            values.update(
-                tokens_per_s=throughput.tokens_per_s,
-                tflops_per_device=throughput.tflops_per_device,
-                mfu=throughput.mfu,
-                step_time_s=throughput.step_time_s,
-                eta_s=throughput.eta_s,
-                elapsed_s=throughput.elapsed_s,
-            )
-        values.update(extra)
-        values = {key: _plain(value) for key, value in values.items()}
-        self._print(format_train_line(iteration, self.total_iters, values))
-        self._write_record("train", iteration, values)
+        merged: dict = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        for source in (values, throughput):
+            for key, value in (source or {}).items():
+                if value is not None or merged.get(key) is None:
+                    merged[key] = value
+        merged.update(extra)
+        merged.pop("iteration", None)
+        merged = {key: _plain(value) for key, value in merged.items()}
+        self._print(format_train_line(iteration, self.total_iters, merged))
+        self._write_record("train", iteration, merged)
 
-    def log_eval(self, iteration: int, loss: float, ppl: Optional[float] = None) -> None:
-        """Report an evaluation: mean loss and perplexity (exp(loss) when not given)."""
+    def log_eval(self, iteration: int, loss: float, ppl: Optional[float] = None, name: str = "valid") -> None:
+        """Report an evaluation on split `name`: mean loss and perplexity (exp(loss) when not given)."""
         if not self.enabled:
             return
         loss = _plain(loss)
         if ppl is None:
             ppl = math.exp(min(loss, 700.0))
         values = {"loss": loss, "ppl": _plain(ppl)}
-        self._print(f"eval iter {iteration} | loss {loss:.4f} | ppl {format_number(values['ppl'])}")
-        self._write_record("eval", iteration, values)
+        self._print(f"eval {name} iter {iteration} | loss {loss:.4f} | ppl {format_number(values['ppl'])}")
+        self._write_record(name, iteration, values, kind="eval")
+
+    def info(self, message: str) -> None:
+        """Print a free-form message (checkpoint saved, ...) on the logging ranks."""
+        if self.enabled:
+            self._print(message)
 
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
@@ -216,18 +225,23 @@ class MetricsLogger:
         stream = self._stream if self._stream is not None else sys.stdout
         print(line, file=stream, flush=True)
 
-    def _write_record(self, kind: str, iteration: int, values: dict) -> None:
+    def _write_record(self, prefix: str, iteration: int, values: dict, kind: Optional[str] = None) -> None:
+        """One metrics.jsonl line; scalars to TensorBoard and W&B under `<prefix>/<key>`."""
         present = {key: value for key, value in values.items() if value is not None}
-        record = {"type": kind, "iteration": iteration, "time": time.time(), **present}
+        header = {"type": kind or prefix, "iteration": iteration}
+        if kind is not None:
+            header["name"] = prefix
+        record = {**header, "time": time.time(), **present}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {f"{prefix}/{key}": value for key, value in present.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tensorboard is not None:
-            for key, value in present.items():
-                if isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(f"{kind}/{key}", value, iteration)
+            for tag, value in scalars.items():
+                self._tensorboard.add_scalar(tag, value, iteration)
             self._tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{key}": value for key, value in present.items()}, step=iteration)
+            self._wandb.log(scalars, step=iteration)
 
 
 def _plain(value):

@@ -8,8 +8,9 @@ which is accurate over a logging interval because the trainer already waits for 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator, Optional
 
 
 def count_non_embedding_params(model_args, derived) -> int:
@@ -104,9 +105,13 @@ def default_peak_flops(device_name: Optional[str]) -> Optional[float]:
     return None
 
 
-@dataclass
-class ThroughputStats:
-    """Throughput over the last logging interval, plus progress of the whole run."""
+@dataclass(frozen=True)
+class ThroughputStats(Mapping):
+    """Throughput over the last logging interval, plus progress of the whole run.
+
+    Also a read-only mapping of its fields except `iteration` (`record.update(stats)` merges the values
+    into a log record).
+    """
 
     iteration: int
     step_time_s: float
@@ -118,18 +123,34 @@ class ThroughputStats:
     mfu: Optional[float]
     """Model FLOPs utilization as a fraction (0.381 = 38.1%); None when the device peak is unknown."""
     eta_s: Optional[float]
-    """Seconds left, from the mean step time since the meter started; None when total_iters is unknown."""
+    """Seconds left: remaining iterations times the mean step time so far; None without total_iters."""
     elapsed_s: float
-    """Seconds since the meter started."""
+    """Seconds since the meter was created."""
+
+    def _keys(self) -> tuple:
+        return tuple(f.name for f in fields(self) if f.name != "iteration")
+
+    def __getitem__(self, key: str):
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
 class ThroughputMeter:
-    """Turns (iteration, time) pairs at logging points into tokens/s, TFLOP/s per device, MFU and ETA.
+    """Turns (iteration, step time) at logging points into tokens/s, TFLOP/s per device, MFU and ETA.
 
-    Call `update(iteration)` at each logging point; the interval since the previous call (or `mark`) is
-    timed with `clock`, unless the caller passes `interval_s` it measured itself (e.g. with CUDA events).
-    Call `mark(iteration)` after work that is not training (evaluation, checkpointing) so that it does not
-    count against the next interval's throughput; it still counts in elapsed time and the ETA.
+    Call `update(iteration, step_time_s)` at each logging point with the mean seconds per step the caller
+    measured over the interval (synchronizing the device first if it wants exact numbers), or
+    `update(iteration)` to let the meter time the interval since the previous `update`/`mark` with `clock`.
+    Call `mark(iteration)` after work that is not training (evaluation, checkpointing) so the clock-timed
+    interval that follows does not include it. The ETA uses the mean training step time so far, so pauses
+    for evaluation and checkpoints are not in it.
     """
 
     def __init__(
@@ -154,47 +175,70 @@ class ThroughputMeter:
         self.total_iters = total_iters
         self._clock = clock
         self._start_time = clock()
-        self._start_iteration = start_iteration
         self._last_time = self._start_time
         self._last_iteration = start_iteration
+        self._timed_steps = 0
+        self._timed_seconds = 0.0
+
+    @classmethod
+    def for_run(cls, args, device_type: str, start_iteration: int = 0) -> "ThroughputMeter":
+        """A meter for a resolved NeoXArgs (after `set_vocab_size`) on `device_type` ("cuda" or "cpu").
+
+        The peak is `logging.peak_flops_per_device` when set, else `default_peak_flops` of the GPU's name
+        (None on CPU: MFU shown as n/a).
+        """
+        peak = args.logging.peak_flops_per_device
+        if peak is None and device_type == "cuda":
+            import torch
+
+            peak = default_peak_flops(torch.cuda.get_device_name())
+        seq_length = args.model.seq_length
+        return cls(
+            tokens_per_step=args.derived.train_batch_size * seq_length,
+            flops_per_token=flops_per_token(args.model, args.derived, seq_length),
+            num_devices=args.derived.world_size,
+            peak_flops_per_device=peak,
+            total_iters=args.training.train_iters,
+            start_iteration=start_iteration,
+        )
 
     def mark(self, iteration: int) -> None:
         """Start a new interval at `iteration` now, without reporting the time since the last one."""
         self._last_time = self._clock()
         self._last_iteration = iteration
 
-    def update(self, iteration: int, interval_s: Optional[float] = None) -> ThroughputStats:
-        """Report the interval from the last `update`/`mark` up to `iteration` (which must have advanced)."""
+    def update(self, iteration: int, step_time_s: Optional[float] = None) -> ThroughputStats:
+        """Report the interval from the last `update`/`mark` up to `iteration` (which must have advanced).
+
+        `step_time_s`: mean seconds per step measured by the caller; None times the interval with the clock.
+        """
         now = self._clock()
         steps = iteration - self._last_iteration
         if steps <= 0:
             raise ValueError(
                 f"iteration {iteration} is not after the previous logging point {self._last_iteration}."
             )
-        if interval_s is None:
-            interval_s = now - self._last_time
-        interval_s = max(interval_s, 1e-9)
+        if step_time_s is None:
+            step_time_s = (now - self._last_time) / steps
+        step_time_s = max(step_time_s, 1e-12)
         self._last_time = now
         self._last_iteration = iteration
+        self._timed_steps += steps
+        self._timed_seconds += steps * step_time_s
 
-        step_time = interval_s / steps
-        tokens_per_s = self.tokens_per_step / step_time
+        tokens_per_s = self.tokens_per_step / step_time_s
         flops_per_device = tokens_per_s * self.flops_per_token / self.num_devices
-        mfu = None
-        if self.peak_flops_per_device:
-            mfu = flops_per_device / self.peak_flops_per_device
-
-        elapsed = now - self._start_time
+        mfu = flops_per_device / self.peak_flops_per_device if self.peak_flops_per_device else None
         eta = None
-        done = iteration - self._start_iteration
-        if self.total_iters is not None and done > 0:
-            eta = max(self.total_iters - iteration, 0) * (elapsed / done)
+        if self.total_iters is not None:
+            mean_step = self._timed_seconds / self._timed_steps
+            eta = max(self.total_iters - iteration, 0) * mean_step
         return ThroughputStats(
             iteration=iteration,
-            step_time_s=step_time,
+            step_time_s=step_time_s,
             tokens_per_s=tokens_per_s,
             tflops_per_device=flops_per_device / 1e12,
             mfu=mfu,
             eta_s=eta,
-            elapsed_s=elapsed,
+            elapsed_s=now - self._start_time,
         )

@@ -75,14 +75,34 @@ def test_jsonl_and_console_on_rank0(tmp_path):
     console = out.getvalue().splitlines()
     assert console[0].startswith("iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k")
     assert console[0].endswith("ETA 6m02s | loss_scale 1024")
-    assert console[1] == "eval iter 120 | loss 2.0000 | ppl 7.389"
+    assert console[1] == "eval valid iter 120 | loss 2.0000 | ppl 7.389"
 
     train, evaluation = read_jsonl(tmp_path / "metrics.jsonl")
     assert train["type"] == "train" and train["iteration"] == 120
     assert train["loss"] == pytest.approx(3.4123) and train["mfu"] == pytest.approx(0.381)
     assert train["tokens_per_s"] == 41_200.0 and train["loss_scale"] == 1024
-    assert evaluation == {**evaluation, "type": "eval", "iteration": 120, "loss": 2.0}
+    assert evaluation == {**evaluation, "type": "eval", "name": "valid", "iteration": 120, "loss": 2.0}
     assert evaluation["ppl"] == pytest.approx(7.389056)
+
+
+def test_record_dict_from_the_trainer(tmp_path):
+    """The trainer merges its values and a ThroughputStats into one dict and passes it positionally."""
+    out = io.StringIO()
+    logger = MetricsLogger(LoggingArgs(), str(tmp_path), 0, {"train_iters": 1000}, stream=out)
+    record = {"loss": 3.4123, "lr": 5.8e-4, "grad_norm": None, "skipped_steps": 0, "consumed_samples": 3840}
+    record.update(stats())
+    logger.log_train(120, record)
+    logger.log_eval(120, 2.5, 12.18, name="test")
+    logger.info("saved checkpoint ckpt/global_step120")
+    logger.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("iter 120/1000 | loss 3.412 | lr 5.8e-04 | tok/s 41.2k | TFLOP/s 112.5 | MFU 38.1% | "
+                        "step 0.41s | ETA 6m02s | skipped_steps 0 | consumed_samples 3840")
+    assert lines[1] == "eval test iter 120 | loss 2.5000 | ppl 12.18"
+    assert lines[2] == "saved checkpoint ckpt/global_step120"
+    train, test = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "grad_norm" not in train and train["consumed_samples"] == 3840 and train["eta_s"] == 362.0
+    assert test["type"] == "eval" and test["name"] == "test" and test["ppl"] == 12.18
 
 
 def test_tensor_values_become_plain_numbers(tmp_path):

@@ -1,10 +1,13 @@
 """Hand-computed checks of the FLOP accounting, the peak table and the throughput meter."""
 
+from types import SimpleNamespace
+
 import pytest
 
-from megatron.neox_args.sections import DerivedArgs, ModelArgs
+from megatron.neox_args.sections import DerivedArgs, LoggingArgs, ModelArgs, TrainingArgs
 from megatron.training.metrics import (
     ThroughputMeter,
+    ThroughputStats,
     count_non_embedding_params,
     default_peak_flops,
     flops_per_token,
@@ -104,13 +107,13 @@ def test_throughput_meter_interval_values():
     assert stats.eta_s == pytest.approx(980 * 0.5)
     assert stats.elapsed_s == pytest.approx(10.0)
 
-    clock.now += 30.0  # an evaluation: excluded from throughput, kept in ETA
+    clock.now += 30.0  # an evaluation: excluded from the next interval and from the ETA
     meter.mark(20)
     clock.now += 2.0  # 10 steps in 2 s
     stats = meter.update(30)
     assert stats.step_time_s == pytest.approx(0.2)
     assert stats.elapsed_s == pytest.approx(42.0)
-    assert stats.eta_s == pytest.approx(970 * 42.0 / 30)
+    assert stats.eta_s == pytest.approx(970 * (10.0 + 2.0) / 30)
 
 
 def test_throughput_meter_caller_time_and_unknown_peak():
@@ -118,8 +121,29 @@ def test_throughput_meter_caller_time_and_unknown_peak():
     meter = ThroughputMeter(tokens_per_step=100, flops_per_token=1e6, num_devices=1, start_iteration=50,
                             clock=clock)
     clock.now += 99.0
-    stats = meter.update(60, interval_s=5.0)  # the caller's measured time wins over the clock
-    assert stats.step_time_s == pytest.approx(0.5)
+    stats = meter.update(60, 0.5)  # the caller's measured step time wins over the clock
+    assert stats.step_time_s == 0.5 and stats.tokens_per_s == pytest.approx(200.0)
     assert stats.mfu is None and stats.eta_s is None
     with pytest.raises(ValueError, match="not after"):
         meter.update(60)
+
+
+def test_stats_merge_into_a_record_as_a_mapping():
+    record = {"loss": 1.0}
+    record.update(ThroughputStats(iteration=3, step_time_s=0.5, tokens_per_s=2.0, tflops_per_device=1.0,
+                                  mfu=None, eta_s=4.0, elapsed_s=9.0))
+    assert record == {"loss": 1.0, "step_time_s": 0.5, "tokens_per_s": 2.0, "tflops_per_device": 1.0,
+                      "mfu": None, "eta_s": 4.0, "elapsed_s": 9.0}
+
+
+def test_for_run_reads_the_resolved_config():
+    model, derived = pythia_410m()
+    derived.world_size, derived.train_batch_size = 4, 32
+    args = SimpleNamespace(model=model, derived=derived, training=TrainingArgs(train_iters=500),
+                           logging=LoggingArgs(peak_flops_per_device=100e12))
+    meter = ThroughputMeter.for_run(args, "cpu")
+    assert meter.tokens_per_step == 32 * 2048 and meter.num_devices == 4 and meter.total_iters == 500
+    assert meter.flops_per_token == flops_per_token(model, derived, 2048)
+    assert meter.peak_flops_per_device == 100e12
+    args.logging.peak_flops_per_device = None
+    assert ThroughputMeter.for_run(args, "cpu").peak_flops_per_device is None
