@@ -1,0 +1,1 @@
+"""Reusable test helpers. See `tests/helpers/distributed.py` for `run_distributed`."""
