@@ -1,0 +1,137 @@
+"""Values computed once from the user's sections: the DerivedArgs block.
+
+    world_size          = launcher resources (world_size.py), unless given explicitly
+    data_parallel_size  = world_size / (model_parallel_size * max(pipe_parallel_size, 1))
+    train_batch_size    = micro * grad_acc * data_parallel_size   (any two given derive the third;
+                          only micro given -> grad_acc 1; only train_batch_size given -> grad_acc 1)
+    num_kv_heads        = num_kv_heads or num_attention_heads
+    intermediate_size   = intermediate_size, else 4h (gelu/relu) or 256 * ceil((8h/3) / 256) (swiglu)
+    max_position_embeddings = max_position_embeddings or seq_length
+    lr_decay_iters      = lr_decay_iters or train_iters
+    warmup_iters        = round(warmup * lr_decay_iters)
+    precision           = bf16 | fp16 | fp32 from the enabled flag of the bf16/fp16 blocks
+    padded_vocab_size   = ceil(vocab / (make_vocab_size_divisible_by * tp)) * that multiple (set_vocab_size)
+
+Batch arithmetic errors (nothing given, inconsistent, non-integer) are ConfigErrors raised here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+from megatron.neox_args.errors import ConfigError, where
+from megatron.neox_args.sections import (
+    DerivedArgs, LRArgs, ModelArgs, ParallelArgs, PrecisionArgs, TrainingArgs,
+)
+
+
+def resolve_num_kv_heads(model: ModelArgs) -> int:
+    """Key/value heads: num_kv_heads, or num_attention_heads when unset (plain multi-head attention)."""
+    return model.num_kv_heads if model.num_kv_heads is not None else model.num_attention_heads
+
+
+def resolve_intermediate_size(model: ModelArgs) -> int:
+    """MLP width: intermediate_size, else 4h for gelu/relu, 256 * ceil((8h/3) / 256) for swiglu."""
+    if model.intermediate_size is not None:
+        return model.intermediate_size
+    if model.activation == "swiglu":
+        return 256 * math.ceil(8 * model.hidden_size / 3 / 256)
+    return 4 * model.hidden_size
+
+
+def resolve_precision(precision: PrecisionArgs) -> str:
+    """'bf16' or 'fp16' when that block has `enabled: true`, else 'fp32' (both enabled is a validation error)."""
+    if precision.bf16.get("enabled", False):
+        return "bf16"
+    if precision.fp16.get("enabled", False):
+        return "fp16"
+    return "fp32"
+
+
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, model_parallel_size: int) -> int:
+    """Round vocab_size up to a multiple of make_vocab_size_divisible_by * model_parallel_size."""
+    multiple = make_vocab_size_divisible_by * model_parallel_size
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def resolve_data_parallel_size(world_size: int, parallel: ParallelArgs, sources: Mapping[str, str]) -> int:
+    """world_size / (tp * pp); a remainder is a ConfigError."""
+    tp, pp = parallel.model_parallel_size, max(parallel.pipe_parallel_size, 1)
+    if world_size < 1 or world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world_size {world_size} is not divisible by model_parallel_size {tp} x pipe_parallel_size {pp} "
+            f"= {tp * pp} {where(sources, 'model_parallel_size', 'pipe_parallel_size')}; the data-parallel size "
+            f"must be a whole number. Use a world size (num_gpus x nodes) that is a multiple of {tp * pp}, "
+            f"or lower model_parallel_size.",
+            key="model_parallel_size",
+        )
+    return world_size // (tp * pp)
+
+
+def resolve_batch(training: TrainingArgs, dp: int, sources: Mapping[str, str]) -> tuple[int, int, int]:
+    """(train_batch_size, micro, grad_acc) with train_batch_size = micro * grad_acc * dp."""
+    micro, acc, total = (training.train_micro_batch_size_per_gpu, training.gradient_accumulation_steps,
+                         training.train_batch_size)
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    given = f"train_batch_size={total}, train_micro_batch_size_per_gpu={micro}, " \
+            f"gradient_accumulation_steps={acc}, data_parallel_size={dp} {where(sources, *keys)}"
+    if micro is None and total is None:
+        raise ConfigError(
+            f"no batch size is set ({given}). Set train_micro_batch_size_per_gpu (and optionally "
+            f"gradient_accumulation_steps), or train_batch_size; train_batch_size = micro x grad_acc x "
+            f"data_parallel_size.", key="train_micro_batch_size_per_gpu")
+    if micro is not None and acc is not None:
+        expected = micro * acc * dp
+        if total is not None and total != expected:
+            raise ConfigError(
+                f"the batch sizes disagree: train_batch_size must equal train_micro_batch_size_per_gpu x "
+                f"gradient_accumulation_steps x data_parallel_size = {micro} x {acc} x {dp} = {expected}, "
+                f"but it is {total} ({given}). Remove train_batch_size (it is derived) or fix one of them.",
+                key="train_batch_size")
+        return expected, micro, acc
+    if micro is not None:  # micro and maybe total
+        if total is None:
+            return micro * dp, micro, 1
+        if total % (micro * dp) != 0:
+            raise ConfigError(
+                f"train_batch_size {total} is not a multiple of train_micro_batch_size_per_gpu x "
+                f"data_parallel_size = {micro} x {dp} = {micro * dp} ({given}); gradient_accumulation_steps "
+                f"would not be a whole number. Make train_batch_size a multiple of {micro * dp}.",
+                key="train_batch_size")
+        return total, micro, total // (micro * dp)
+    acc = 1 if acc is None else acc  # total given, micro not
+    if total % (acc * dp) != 0:
+        raise ConfigError(
+            f"train_batch_size {total} is not a multiple of gradient_accumulation_steps x data_parallel_size "
+            f"= {acc} x {dp} = {acc * dp} ({given}); train_micro_batch_size_per_gpu would not be a whole "
+            f"number. Make train_batch_size a multiple of {acc * dp}, or set train_micro_batch_size_per_gpu.",
+            key="train_batch_size")
+    return total, total // (acc * dp), acc
+
+
+def derive(model: ModelArgs, parallel: ParallelArgs, lr: LRArgs, precision: PrecisionArgs,
+           training: TrainingArgs, world_size: int, sources: Mapping[str, str],
+           vocab_size: Optional[int] = None) -> DerivedArgs:
+    """Compute the DerivedArgs block (vocab sizes only when vocab_size is known)."""
+    dp = resolve_data_parallel_size(world_size, parallel, sources)
+    total, micro, acc = resolve_batch(training, dp, sources)
+    decay_iters = lr.lr_decay_iters if lr.lr_decay_iters is not None else training.train_iters
+    derived = DerivedArgs(
+        world_size=world_size,
+        data_parallel_size=dp,
+        train_batch_size=total,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=acc,
+        num_kv_heads=resolve_num_kv_heads(model),
+        intermediate_size=resolve_intermediate_size(model),
+        max_position_embeddings=model.max_position_embeddings or model.seq_length,
+        lr_decay_iters=decay_iters,
+        warmup_iters=round(lr.warmup * decay_iters),
+        precision=resolve_precision(precision),
+    )
+    if vocab_size is not None:
+        derived.vocab_size = vocab_size
+        derived.padded_vocab_size = pad_vocab_size(vocab_size, model.make_vocab_size_divisible_by,
+                                                   parallel.model_parallel_size)
+    return derived

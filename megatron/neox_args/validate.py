@@ -1,0 +1,169 @@
+"""Consistency checks on type-checked sections, run before launch.
+
+Each failure is a ConfigError naming the keys, their values, the file(s) they came from and the fix.
+Data and tokenizer checks (which touch the file system) are in validate_io.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from megatron.neox_args.derive import resolve_intermediate_size, resolve_num_kv_heads
+from megatron.neox_args.errors import ConfigError, where
+
+_POSITIVE_INTS = {
+    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+              "seq_length", "max_position_embeddings", "rotary_emb_base", "make_vocab_size_divisible_by"),
+    "parallel": ("model_parallel_size",),
+    "lr": ("lr_decay_iters",),
+    "training": ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                 "train_iters", "eval_interval", "checkpoint_num_layers"),
+    "checkpoint": ("checkpoint_factor", "keep_last_n_checkpoints"),
+    "logging": ("log_interval",),
+    "launcher": ("num_gpus",),
+}
+"""Fields that must be >= 1 when set (None stays allowed where the annotation is Optional)."""
+
+_NON_NEGATIVE = {
+    "parallel": ("pipe_parallel_size",),
+    "optimizer": ("lr", "weight_decay", "momentum"),
+    "lr": ("min_lr",),
+    "training": ("gradient_clipping", "eval_iters", "seed"),
+    "data": ("num_workers",),
+}
+"""Fields that must be >= 0."""
+
+_POSITIVE_FLOATS = {"model": ("layernorm_epsilon", "rms_norm_epsilon", "init_method_std"),
+                    "optimizer": ("eps",)}
+"""Fields that must be > 0."""
+
+
+def fail(sources: Mapping[str, str], message: str, *keys: str) -> ConfigError:
+    """A ConfigError whose message is followed by where the keys' values came from."""
+    return ConfigError(message.replace("{where}", where(sources, *keys)), key=keys[0] if keys else None,
+                       sources=[sources.get(k, "default") for k in keys])
+
+
+def _check_ranges(args: Any, sources: Mapping[str, str]) -> None:
+    for section, names in _POSITIVE_INTS.items():
+        for name in names:
+            value = getattr(getattr(args, section), name)
+            if value is not None and value < 1:
+                raise fail(sources, f"{name}: {value} must be a positive integer {{where}}; write 1 or more.", name)
+    for section, names in _NON_NEGATIVE.items():
+        for name in names:
+            value = getattr(getattr(args, section), name)
+            if value < 0:
+                raise fail(sources, f"{name}: {value} must not be negative {{where}}.", name)
+    for section, names in _POSITIVE_FLOATS.items():
+        for name in names:
+            value = getattr(getattr(args, section), name)
+            if not value > 0:
+                raise fail(sources, f"{name}: {value} must be greater than 0 {{where}}.", name)
+    for name in ("hidden_dropout", "attention_dropout"):
+        value = getattr(args.model, name)
+        if not 0.0 <= value < 1.0:
+            raise fail(sources, f"{name}: {value} must be in [0, 1) {{where}}; 0.0 disables dropout.", name)
+    launcher = args.launcher
+    if launcher.num_nodes == 0 or launcher.num_nodes < -1:
+        raise fail(sources, f"num_nodes: {launcher.num_nodes} must be -1 (every host) or a positive count "
+                            f"{{where}}.", "num_nodes")
+    if not 1 <= launcher.master_port <= 65535:
+        raise fail(sources, f"master_port: {launcher.master_port} is not a TCP port {{where}}; use 1024-65535.",
+                   "master_port")
+
+
+def _check_model(model: Any, sources: Mapping[str, str]) -> None:
+    h, heads = model.hidden_size, model.num_attention_heads
+    if h % heads != 0:
+        raise fail(sources, f"hidden_size: {h} is not divisible by num_attention_heads: {heads} {{where}}; the "
+                            f"head size would not be whole. Choose hidden_size a multiple of {heads} (e.g. "
+                            f"{(h // heads + 1) * heads}) or num_attention_heads dividing {h}.",
+                   "hidden_size", "num_attention_heads")
+    kv = resolve_num_kv_heads(model)
+    if heads % kv != 0:
+        raise fail(sources, f"num_attention_heads: {heads} is not divisible by num_kv_heads: {kv} {{where}}; "
+                            f"each key/value head must serve a whole group of query heads. Choose num_kv_heads "
+                            f"dividing {heads}.", "num_attention_heads", "num_kv_heads")
+    max_pos = model.max_position_embeddings
+    if max_pos is not None and model.seq_length > max_pos:
+        raise fail(sources, f"seq_length: {model.seq_length} is longer than max_position_embeddings: {max_pos} "
+                            f"{{where}}; raise max_position_embeddings to at least {model.seq_length} or shorten "
+                            f"seq_length.", "seq_length", "max_position_embeddings")
+    if not 0.0 < model.rotary_pct <= 1.0:
+        raise fail(sources, f"rotary_pct: {model.rotary_pct} must be in (0, 1] {{where}}; it is the fraction of "
+                            f"each head's dimensions that rotary acts on (1.0 = all, Pythia uses 0.25).",
+                   "rotary_pct")
+    if model.pos_emb == "rotary":
+        head_dim = h // heads
+        rotary_dims = int(head_dim * model.rotary_pct)
+        if rotary_dims < 2 or rotary_dims % 2 != 0:
+            raise fail(sources, f"rotary_pct: {model.rotary_pct} of head size {head_dim} (hidden_size {h} / "
+                                f"num_attention_heads {heads}) gives {rotary_dims} rotary dimensions {{where}}; "
+                                f"rotary needs an even number >= 2. Choose rotary_pct so that head size x "
+                                f"rotary_pct is even.", "rotary_pct", "hidden_size", "num_attention_heads")
+
+
+def _check_parallel(args: Any, sources: Mapping[str, str]) -> None:
+    parallel, model = args.parallel, args.model
+    if parallel.pipe_parallel_size > 1:
+        raise fail(sources, f"pipe_parallel_size: {parallel.pipe_parallel_size} {{where}}: pipeline parallelism "
+                            f"is not supported yet; set pipe_parallel_size: 1 (or 0).", "pipe_parallel_size")
+    tp = parallel.model_parallel_size
+    for name, value in (("num_attention_heads", model.num_attention_heads),
+                        ("num_kv_heads", resolve_num_kv_heads(model)),
+                        ("intermediate_size", resolve_intermediate_size(model))):
+        if value % tp != 0:
+            what = " (resolved)" if getattr(model, name) is None else ""
+            raise fail(sources, f"{name}{what}: {value} is not divisible by model_parallel_size: {tp} {{where}}; "
+                                f"tensor parallelism splits it evenly over the {tp} ranks. Choose a "
+                                f"model_parallel_size dividing {value}, or change {name}.",
+                       name, "model_parallel_size")
+    if parallel.sequence_parallel:
+        if tp < 2:
+            raise fail(sources, f"sequence_parallel: true needs model_parallel_size > 1, but it is {tp} {{where}}; "
+                                f"set sequence_parallel: false, or model_parallel_size: 2 or more.",
+                       "sequence_parallel", "model_parallel_size")
+        if model.seq_length % tp != 0:
+            raise fail(sources, f"seq_length: {model.seq_length} is not divisible by model_parallel_size: {tp} "
+                                f"{{where}}; sequence parallelism splits the sequence evenly over the tensor "
+                                f"ranks. Choose seq_length a multiple of {tp}.", "seq_length", "model_parallel_size")
+    zero = parallel.zero_optimization
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise fail(sources, f"zero_optimization.stage: {stage!r} must be 0, 1, 2 or 3 {{where}}.",
+                   "zero_optimization")
+
+
+def _check_precision(args: Any, sources: Mapping[str, str]) -> None:
+    for name in ("bf16", "fp16"):
+        enabled = getattr(args.precision, name).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise fail(sources, f"{name}.enabled: {enabled!r} must be true or false {{where}}.", name)
+    if args.precision.bf16.get("enabled") and args.precision.fp16.get("enabled"):
+        raise fail(sources, "bf16 and fp16 are both enabled {where}; choose one: set `enabled: false` in the "
+                            "other block (bf16 needs no loss scaling and is preferred on Ampere or newer).",
+                   "bf16", "fp16")
+
+
+def _check_optimizer_and_schedule(args: Any, sources: Mapping[str, str]) -> None:
+    betas = args.optimizer.betas
+    if (len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in betas)
+            or not all(0.0 <= b < 1.0 for b in betas)):
+        raise fail(sources, f"betas: {list(betas)} must be two numbers in [0, 1) {{where}}, e.g. [0.9, 0.95].",
+                   "betas")
+    if args.optimizer.lr < args.lr.min_lr:
+        raise fail(sources, f"lr: {args.optimizer.lr} is below min_lr: {args.lr.min_lr} {{where}}; the schedule "
+                            f"decays from lr down to min_lr. Lower min_lr or raise lr.", "lr", "min_lr")
+    if not 0.0 <= args.lr.warmup <= 1.0:
+        raise fail(sources, f"warmup: {args.lr.warmup} must be in [0, 1] {{where}}; it is a fraction of "
+                            f"lr_decay_iters (e.g. 0.01 = 1% of the decay).", "warmup")
+
+
+def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
+    """All checks that need no file system and no derived values (args: NeoXArgs or look-alike)."""
+    _check_ranges(args, sources)
+    _check_model(args.model, sources)
+    _check_parallel(args, sources)
+    _check_precision(args, sources)
+    _check_optimizer_and_schedule(args, sources)
