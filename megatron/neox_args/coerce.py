@@ -42,16 +42,19 @@ def _example(annotation: Any) -> str:
             list: "e.g. [a, b]", tuple: "e.g. [0.9, 0.95]", dict: "e.g. {enabled: true}"}.get(annotation, "")
 
 
-def _wrong(key: str, value: Any, source: str, annotation: Any, note: str = "") -> ConfigError:
+def _wrong(key: str, value: Any, source: str, annotation: Any, note: str = "", shown: Any = None) -> ConfigError:
+    """The error for `value` not matching `annotation`; `shown` is the full annotation (e.g. Optional[list])."""
+    shown = annotation if shown is None else shown
     example = _example(annotation)
-    fix = f"write {describe_type(annotation)}" + (f" ({example})" if example else "")
-    return ConfigError(f"{key}: {value!r} is not {describe_type(annotation)} ({source}); {fix}.{note}",
+    fix = f"write {describe_type(shown)}" + (f" ({example})" if example else "")
+    return ConfigError(f"{key}: {value!r} is not {describe_type(shown)} ({source}); {fix}.{note}",
                        key=key, sources=[source])
 
 
-def coerce_value(key: str, value: Any, annotation: Any, source: str) -> Any:
+def coerce_value(key: str, value: Any, annotation: Any, source: str, shown: Any = None) -> Any:
     """Check `value` against `annotation` and return it in canonical form (float for float fields,
-    tuple for tuple fields, int for integral floats in int fields). Raises ConfigError otherwise."""
+    tuple for tuple fields, int for integral floats in int fields). Raises ConfigError otherwise.
+    `shown` (internal) is the annotation to describe in messages, e.g. Optional[int] for its int part."""
     origin = typing.get_origin(annotation)
     if origin is typing.Union:
         args = typing.get_args(annotation)
@@ -60,7 +63,7 @@ def coerce_value(key: str, value: Any, annotation: Any, source: str) -> Any:
         inner = [arg for arg in args if arg is not _NoneType]
         if len(inner) != 1:
             raise TypeError(f"unsupported annotation for {key}: {annotation}")
-        return coerce_value(key, value, inner[0], source) if value is not None else _raise_none(key, annotation, source)
+        return coerce_value(key, value, inner[0], source, shown=annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
         if isinstance(value, str) and value in choices:
@@ -68,7 +71,7 @@ def coerce_value(key: str, value: Any, annotation: Any, source: str) -> Any:
         match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean {match[0]!r}?" if match else ""
         raise ConfigError(
-            f"{key}: {value!r} is not {describe_type(annotation)} ({source}).{hint}",
+            f"{key}: {value!r} is not {describe_type(shown or annotation)} ({source}).{hint}",
             key=key, sources=[source],
         )
     if value is None:
@@ -76,32 +79,32 @@ def coerce_value(key: str, value: Any, annotation: Any, source: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise _wrong(key, value, source, bool)
+        raise _wrong(key, value, source, bool, shown=shown)
     if annotation is int:
         if isinstance(value, bool):
-            raise _wrong(key, value, source, int)
+            raise _wrong(key, value, source, int, shown=shown)
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise _wrong(key, value, source, int)
+        raise _wrong(key, value, source, int, shown=shown)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             note = " Do not quote numbers." if isinstance(value, str) else ""
-            raise _wrong(key, value, source, float, note)
+            raise _wrong(key, value, source, float, note, shown)
         return float(value)
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise _wrong(key, value, source, str)
+        raise _wrong(key, value, source, str, shown=shown)
     if annotation in (list, tuple):
         if isinstance(value, (list, tuple)):
             return annotation(value)
-        raise _wrong(key, value, source, annotation)
+        raise _wrong(key, value, source, annotation, shown=shown)
     if annotation is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise _wrong(key, value, source, dict)
+        raise _wrong(key, value, source, dict, shown=shown)
     raise TypeError(f"unsupported annotation for {key}: {annotation}")
 
 

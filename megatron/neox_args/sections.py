@@ -118,7 +118,8 @@ class ParallelArgs:
     tensor-parallel rank (Korthikanti et al. 2022). Needs model_parallel_size > 1."""
 
     zero_optimization: dict = field(default_factory=lambda: {"stage": 0})
-    """DeepSpeed ZeRO config, passed through (stage 0-3, offload_optimizer, ...)."""
+    """DeepSpeed ZeRO config, passed through (stage 0-3, offload_optimizer, ...); `stage` must be 0, 1, 2
+    or 3."""
 
 
 @dataclass
@@ -138,7 +139,8 @@ class OptimizerArgs:
     """Adam epsilon (YAML `optimizer.params.eps`)."""
 
     weight_decay: float = 0.01
-    """Decoupled weight decay; never applied to norms, biases or 1-D parameters."""
+    """Decoupled weight decay; never applied to norms, biases or 1-D parameters. A top-level key (GPT-NeoX
+    style), also accepted as `optimizer.params.weight_decay` (not both)."""
 
     momentum: float = 0.0
     """SGD momentum (YAML `optimizer.params.momentum`)."""
@@ -166,7 +168,9 @@ class DataArgs:
     """Where the tokens come from."""
 
     data_path: Optional[str] = None
-    """Prefix of one .bin/.idx pair, split into train/valid/test by `split`."""
+    """Prefix of one .bin/.idx pair, split into train/valid/test by `split`. Exactly one of data_path and
+    train_data_paths must be set. `<prefix>.bin` and `.idx` must exist, except under `data/bundled/`
+    (built on first use)."""
 
     train_data_paths: Optional[list] = None
     """Prefixes blended for training (instead of data_path)."""
@@ -315,19 +319,24 @@ class LauncherArgs:
     """How deepy.py starts the ranks (DeepSpeed launcher)."""
 
     num_gpus: Optional[int] = None
-    """Processes per node; None means every visible GPU (1 on a CPU-only machine)."""
+    """Processes per node; None means every visible GPU (1 on a CPU-only machine), or the hostfile's
+    slots per host when a hostfile is given."""
 
     num_nodes: int = -1
-    """Nodes to use from the hostfile (-1: all)."""
+    """Nodes to use from the hostfile: the first num_nodes hosts (-1: all). Without a hostfile only
+    Slurm launches may ask for more than one node (world_size = num_nodes * num_gpus)."""
 
     hostfile: Optional[str] = None
     """DeepSpeed hostfile for multi-node runs (`host slots=N` lines)."""
 
     include: Optional[str] = None
-    """DeepSpeed --include, e.g. 'host1:0,1@host2'."""
+    """DeepSpeed --include, e.g. 'host1:0,1@host2' (hosts joined by `@`, optional `:slot,slot`); the
+    world size counts only the included hosts/slots. Not together with num_nodes/num_gpus (DeepSpeed
+    refuses that)."""
 
     exclude: Optional[str] = None
-    """DeepSpeed --exclude."""
+    """DeepSpeed --exclude, same form as include; the excluded hosts/slots are not counted in the world
+    size. Not together with include, num_nodes or num_gpus."""
 
     master_port: int = 29500
     """Rendezvous port."""
@@ -363,7 +372,8 @@ class DerivedArgs:
     """Values computed from the sections once (deepy.py) and never written by the user."""
 
     world_size: int = 1
-    """Total ranks = num_nodes * num_gpus."""
+    """Total ranks: the hosts/slots the launcher will use (hostfile, include/exclude, num_nodes,
+    num_gpus), or the world_size given to NeoXArgs.from_ymls/from_dict."""
 
     data_parallel_size: int = 1
     """world_size / (model_parallel_size * max(pipe_parallel_size, 1))."""

@@ -110,5 +110,7 @@ def validate_tokenizer(tokenizer: Any, sources: Mapping[str, str], check_files: 
         if key not in needed and value is not None:
             raise fail(sources, f"{key}: {value!r} is set but tokenizer_type {kind} does not use it {{where}}; "
                                 f"remove {key} or change tokenizer_type.", key, "tokenizer_type")
-        if check_files and value is not None and not Path(value).is_file():
+    for key in needed if check_files else ():
+        value = getattr(tokenizer, key)
+        if not Path(value).is_file():
             raise fail(sources, f"{key}: tokenizer file {value} does not exist {{where}}; fix the path.", key)

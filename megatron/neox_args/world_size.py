@@ -5,6 +5,7 @@ Mirrors deepspeed.launcher.runner's resource selection, in the same order:
 2. `include` / `exclude` (`host1:0,1@host2`: hosts separated by `@`, optional `:slot,slot` lists);
 3. `num_nodes` > 0 keeps the first num_nodes hosts;
 4. `num_gpus` set: every kept host runs num_gpus ranks.
+As in DeepSpeed, include/exclude cannot be combined with num_nodes > 0 or num_gpus, nor with each other.
 world_size = the number of (host, slot) pairs left.
 
 Without a hostfile, num_nodes > 1 is only accepted for Slurm launches (`deepspeed_slurm: true` or
@@ -86,6 +87,10 @@ def select_resources(pool: dict[str, int], include: Optional[str], exclude: Opti
     if include and exclude:
         raise ConfigError(f"include: {include!r} and exclude: {exclude!r} are both set; DeepSpeed accepts only "
                           f"one of them. Remove one.", key="include")
+    if (include or exclude) and (num_nodes > 0 or num_gpus is not None):
+        raise ConfigError(f"include/exclude ({include or exclude!r}) cannot be combined with num_nodes "
+                          f"({num_nodes}) or num_gpus ({num_gpus}); the DeepSpeed launcher refuses that. "
+                          f"Select hosts and slots with include/exclude only, or remove them.", key="include")
     active = {host: list(range(slots)) for host, slots in pool.items()}
     if include:
         chosen = _parse_host_filter(include, "include", active)
@@ -119,6 +124,6 @@ def compute_world_size(launcher: LauncherArgs) -> int:
             raise ConfigError(f"num_nodes: {launcher.num_nodes} needs a hostfile listing the nodes "
                               f"(`host slots=N` lines); set hostfile, or num_nodes: -1 for one node.",
                               key="num_nodes")
-        pool = {"localhost": gpus if launcher.num_gpus is None else max(gpus, 1)}
+        pool = {"localhost": gpus}
     active = select_resources(pool, launcher.include, launcher.exclude, launcher.num_nodes, launcher.num_gpus)
     return sum(len(slots) for slots in active.values())
