@@ -3,7 +3,7 @@
 Megatron's rule is greedy: sample i goes to the dataset most behind its target, argmax_k
 (w_k * (i + 1) - c_k) with c_k the samples dataset k already has. Looping over samples is too slow in
 Python, so we place the j-th sample of dataset k (j = 0, 1, ...) at sort key `(j + 0.5) / w_k` and read
-the merged order (ties go to the lower dataset index). For two datasets this is exactly the greedy rule
+the merged order (ties go to the lower dataset index, as argmax does). For two datasets this is exactly the greedy rule
 (the greedy picks k iff its deficit exceeds 1/2, i.e. i + 1 > (c_k + 0.5) / w_k); for more it is the
 Sainte-Lague apportionment, which keeps every prefix within one sample of its target:
 |c_k(n) - w_k * n| < 1 for every n and k. O(n log n) in numpy.
@@ -41,6 +41,10 @@ def blending_indices(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]
         ranks.append(j)
         keys.append((j + 0.5) / wk)
     ids, ranks, keys = np.concatenate(ids), np.concatenate(ranks), np.concatenate(keys)
+    # keys that are mathematically equal (a tie, which goes to the lower dataset index) can differ in the
+    # last bits of float64: compare them on 12 significant digits
+    integer_digits = int(np.ceil(np.log10(keys.max() + 1.0)))
+    keys = np.round(keys * 10.0 ** (12 - integer_digits))
     order = np.lexsort((ids, keys))[:num_samples]  # by key, then dataset index
     return ids[order], ranks[order]
 
