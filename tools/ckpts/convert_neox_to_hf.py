@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Convert one of our checkpoints to a Hugging Face model directory (safetensors + config.json).
+
+    python tools/ckpts/convert_neox_to_hf.py --load checkpoints/run1 [--tag global_step100] --output hf/run1
+
+The family follows the model config: RMSNorm/SwiGLU models become `LlamaForCausalLM`, the others
+`GPTNeoXForCausalLM` (see megatron/checkpointing/hf.py). The HF `vocab_size` is our padded vocabulary.
+Only tensor-parallel size 1 checkpoints are read; reshard larger ones to model_parallel_size 1 first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import torch  # noqa: E402
+
+from megatron.checkpointing import read_model_state  # noqa: E402
+from megatron.checkpointing.hf import hf_config, to_hf  # noqa: E402
+
+
+def convert(load: str, output: str, tag: str | None = None) -> str:
+    """Write the HF model of checkpoint `load`/`tag` (default: latest) to `output`; returns `output`."""
+    import transformers
+
+    state_dict, args = read_model_state(load, tag=tag, tp_rank=0)
+    if args.parallel.model_parallel_size > 1:
+        raise SystemExit(
+            f"{load} was saved with model_parallel_size {args.parallel.model_parallel_size}: reshard to "
+            f"model_parallel_size 1 first (tools/ckpts/reshard.py), then convert."
+        )
+    hf_state = to_hf(state_dict, args.model, args.derived)
+    config = hf_config(args.model, args.derived)
+    config.dtype = next(iter(hf_state.values())).dtype
+    with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) below
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"key map mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.tie_weights()
+    model.save_pretrained(output, safe_serialization=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="our checkpoint directory (the one holding `latest`)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step100 (default: latest)")
+    parser.add_argument("--output", required=True, help="HF model directory to write")
+    opts = parser.parse_args(argv)
+    out = convert(opts.load, opts.output, opts.tag)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
