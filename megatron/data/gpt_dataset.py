@@ -61,11 +61,15 @@ def build_sample_idx(doc_sizes_in_order: np.ndarray, seq_length: int) -> np.ndar
 
 
 def build_shuffle_idx(sample_idx: np.ndarray, n_docs_per_epoch: int, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of the samples, shuffled within each epoch, epochs in order. int64 `[n_samples]`."""
+    """A permutation of the samples, shuffled within each epoch, epochs in order. int64 `[n_samples]`.
+
+    The sort key of a sample is `epoch + u` with u uniform in [0, 1): epochs stay in order and each epoch
+    is uniformly permuted (float64 keeps >= 40 random bits next to any realistic epoch number).
+    """
     start_doc_pos = sample_idx[:-1, 0]  # [n_samples]
     epoch_of_sample = start_doc_pos // max(n_docs_per_epoch, 1)
-    random_key = rng.random(len(start_doc_pos))
-    return np.lexsort((random_key, epoch_of_sample)).astype(np.int64)
+    keys = epoch_of_sample.astype(np.float64) + rng.random(len(start_doc_pos))
+    return np.argsort(keys, kind="stable").astype(np.int64)
 
 
 class GPTDataset(torch.utils.data.Dataset):
