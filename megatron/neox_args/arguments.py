@@ -103,8 +103,12 @@ class NeoXArgs:
         values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, setting in settings.items():
             spec = FIELDS[key]
-            values[spec.section][key] = coerce_value(key, copy.deepcopy(setting.value), spec.annotation,
-                                                     setting.source)
+            try:  # messages show the key as the user spelled it (`optimizer.type`, `train-iters`)
+                values[spec.section][key] = coerce_value(setting.spelling, copy.deepcopy(setting.value),
+                                                         spec.annotation, setting.source)
+            except ConfigError as err:
+                err.key = key
+                raise
         return {name: SECTIONS[name](**values[name]) for name in SECTIONS}
 
     @classmethod

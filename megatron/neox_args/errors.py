@@ -35,11 +35,11 @@ def format_error(error: BaseException) -> str:
 
 
 def where(sources: Mapping[str, str], *keys: str) -> str:
-    """`(configs/a.yml)` or `(a.yml; hidden_size from default)`: where the given keys' values came from.
-
-    All keys from one source give `(that source)`; mixed sources list each key's source.
-    """
-    found = [sources.get(key, DEFAULT_SOURCE) for key in keys]
-    if len(set(found)) == 1:
-        return f"({found[0]})"
-    return "(" + "; ".join(f"{key} from {source}" for key, source in zip(keys, found)) + ")"
+    """Where the given keys' values came from: `(configs/a.yml)` when all share one source, else grouped
+    by source, e.g. `(hidden_size from a.yml; num_attention_heads from default)`."""
+    by_source: dict[str, list[str]] = {}
+    for key in keys:
+        by_source.setdefault(sources.get(key, DEFAULT_SOURCE), []).append(key)
+    if len(by_source) == 1:
+        return f"({next(iter(by_source))})"
+    return "(" + "; ".join(f"{', '.join(names)} from {source}" for source, names in by_source.items()) + ")"

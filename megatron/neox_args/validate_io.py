@@ -11,6 +11,7 @@ machine).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,7 +33,7 @@ def parse_split(split: str) -> list[float]:
 
 
 def _check_prefix_files(key: str, prefix: str, sources: Mapping[str, str]) -> None:
-    if prefix.startswith(BUNDLED_DATA_PREFIX):
+    if os.path.normpath(prefix).startswith(BUNDLED_DATA_PREFIX):
         return
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():

@@ -59,3 +59,13 @@ def test_coerce_value_directly():
     assert coerce_value("k", (1, 2), list, "s") == [1, 2]
     with pytest.raises(ConfigError):
         coerce_value("k", True, float, "s")
+
+
+def test_messages_use_the_spelling_the_user_wrote(minimal):
+    with pytest.raises(ConfigError, match=r"^optimizer\.type: 'adam' is not one of 'Adam', 'AdamW', 'SGD'.*"
+                                          r"Did you mean 'Adam'") as err:
+        NeoXArgs.from_dict({**minimal, "optimizer": {"type": "adam"}})
+    assert err.value.key == "optimizer_type"
+    with pytest.raises(ConfigError, match=r"^train-iters: 'many' is not an integer") as err:
+        NeoXArgs.from_dict({**minimal, "train-iters": "many"})
+    assert err.value.key == "train_iters"

@@ -135,3 +135,16 @@ def test_tokenizer_files_must_exist(minimal, tmp_path):
     args = NeoXArgs.from_dict({**minimal, "tokenizer_type": "GPT2BPETokenizer", "vocab_file": str(vocab),
                                "merge_file": str(merges)}, world_size=1)
     assert args.tokenizer.merge_file == str(merges)
+
+
+def test_bundled_prefix_is_not_checked_on_disk_in_any_spelling():
+    args = NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": "./data/bundled/nothing_here"},
+                              world_size=1)
+    assert args.data.data_path == "./data/bundled/nothing_here"
+
+
+def test_sources_are_grouped_in_messages(minimal):
+    with pytest.raises(ConfigError) as err:
+        NeoXArgs.from_dict({**minimal, "train_batch_size": 7}, source="x.yml", world_size=1)
+    assert "(train_batch_size, train_micro_batch_size_per_gpu from x.yml; gradient_accumulation_steps from " \
+           "default)" in str(err.value)
