@@ -1,0 +1,67 @@
+"""GPTModel with tensor parallelism 2 (gloo, 2 processes), with and without sequence parallelism, equals
+the single-process model: logits, loss and every parameter's gradient (sharded ones compared shard-wise)."""
+
+import torch
+import torch.distributed as dist
+
+from megatron import mpu
+from megatron.model import GPTModel
+from model_test_utils import VOCAB, make_args
+from tests.helpers.distributed import run_distributed
+
+TOL = 2e-5  # fp32, sums reordered by the reductions
+
+CONFIGS = {
+    "neox-untied-parallel-residual": dict(rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True),
+    "llama-gqa-tied": dict(num_kv_heads=2, norm="rmsnorm", activation="swiglu", use_bias_in_attn_linear=True),
+    "learned-pos-tied-relu": dict(pos_emb="learned", activation="relu"),
+}
+
+
+def _check_model(state, overrides):
+    model_args, derived = make_args(num_layers=2, **overrides)
+    torch.manual_seed(7)
+    reference = GPTModel(model_args, derived, mpu.ParallelState.single())
+    torch.manual_seed(7)
+    parallel = GPTModel(model_args, derived, state)
+
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    labels = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+
+    ref_logits = reference(tokens)
+    ref_loss = reference.loss(ref_logits, labels, mask)
+    ref_loss.backward()
+
+    logits = parallel(tokens)  # [b, s, V/2]
+    assert logits.shape == (2, 16, VOCAB // 2)
+    loss = parallel.loss(logits, labels, mask)
+    loss.backward()
+    mpu.allreduce_sequence_parallel_grads(parallel, state)
+
+    shards = [torch.empty_like(logits) for _ in range(state.tp_size)]
+    dist.all_gather(shards, logits.detach().contiguous(), group=state.tp_group)
+    torch.testing.assert_close(torch.cat(shards, dim=-1), ref_logits.detach(), atol=TOL, rtol=0)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=TOL, rtol=0)
+
+    ref_params = dict(reference.named_parameters())
+    for name, p in parallel.named_parameters():
+        expected = ref_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            expected = expected.chunk(state.tp_size, dim=p.partition_dim)[state.tp_rank]
+            torch.testing.assert_close(p.detach(), ref_params[name].detach().chunk(
+                state.tp_size, dim=p.partition_dim)[state.tp_rank], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(p.grad, expected, atol=TOL, rtol=1e-4, msg=name)
+
+
+def _tp2(rank, world_size):
+    for sequence_parallel in (False, True):
+        state = mpu.initialize_model_parallel(2, sequence_parallel=sequence_parallel)
+        for overrides in CONFIGS.values():
+            _check_model(state, overrides)
+    return "ok"
+
+
+def test_tensor_and_sequence_parallel_match_single_process():
+    assert run_distributed(_tp2, 2, timeout=180) == ["ok", "ok"]
