@@ -35,10 +35,6 @@ class _HFBacked:
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize many texts at once (the library parallelizes over them)."""
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
     def detokenize(self, ids) -> str:
         """Decode ids; special tokens (eod among them) are dropped, as `tokenizers` does by default."""
         return self._tok.decode([int(i) for i in ids])
