@@ -69,6 +69,7 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
 
     The child gets its own group so that one Ctrl-C reaches the runner, the per-node launcher and the
     workers exactly once (forwarded by us) and they shut down together; a third Ctrl-C kills the group.
+    A run that was interrupted and failed returns 130 (the shell's status for Ctrl-C).
     """
     child = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
     interrupts = []
@@ -87,7 +88,11 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 128 - status if status < 0 else status
+    if status < 0:
+        return 128 - status
+    if status != 0 and signal.SIGINT in interrupts:
+        return 128 + signal.SIGINT
+    return status
 
 
 def execute(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
