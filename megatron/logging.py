@@ -86,7 +86,7 @@ def format_train_line(iteration: int, total_iters: Optional[int], values: dict) 
     return " | ".join(parts)
 
 
-def _open_wandb(logging_args, run_dir: str, config: dict):
+def _open_wandb(logging_args, run_dir: Optional[str], config: dict):
     """Start a W&B run; offline unless an API key (or an explicit WANDB_MODE) is set, so it never prompts."""
     try:
         import wandb
@@ -99,7 +99,7 @@ def _open_wandb(logging_args, run_dir: str, config: dict):
     return wandb.init(
         project=logging_args.wandb_project,
         group=logging_args.wandb_group,
-        name=os.path.basename(os.path.normpath(run_dir)),
+        name=os.path.basename(os.path.normpath(run_dir)) if run_dir else None,
         dir=run_dir,
         config=config,
         mode=mode,
@@ -111,7 +111,8 @@ class MetricsLogger:
 
     Args:
         logging_args: the `LoggingArgs` section (log_interval, tensorboard_dir, use_wandb, wandb_*).
-        run_dir: the run directory (deepy.py made it); `metrics.jsonl` is written there.
+        run_dir: the run directory (deepy.py sets it as `log_dir`); `metrics.jsonl` is written there.
+            None writes no metrics.jsonl (console, TensorBoard and W&B only).
         rank: this process's global rank.
         neox_args_dict: `NeoXArgs.to_dict()`; W&B run config, TensorBoard text, and `train_iters` for the
             progress shown in the console line.
@@ -122,7 +123,7 @@ class MetricsLogger:
     def __init__(
         self,
         logging_args,
-        run_dir: str,
+        run_dir: Optional[str],
         rank: int,
         neox_args_dict: Optional[dict] = None,
         *,
@@ -140,8 +141,9 @@ class MetricsLogger:
         self._wandb = None
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")
+        if run_dir is not None:
+            os.makedirs(run_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")
         if logging_args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -232,8 +234,9 @@ class MetricsLogger:
         if kind is not None:
             header["name"] = prefix
         record = {**header, "time": time.time(), **present}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         scalars = {f"{prefix}/{key}": value for key, value in present.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tensorboard is not None:

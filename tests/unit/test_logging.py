@@ -129,6 +129,14 @@ def test_other_ranks_write_nothing(tmp_path):
     assert len(read_jsonl(tmp_path / "all" / "metrics.jsonl")) == 1
 
 
+def test_without_run_dir_only_the_console(tmp_path):
+    out = io.StringIO()
+    logger = MetricsLogger(LoggingArgs(), None, 0, {}, stream=out)
+    logger.log_train(1, loss=1.0, lr=1e-3)
+    logger.close()
+    assert out.getvalue().startswith("iter 1 | loss 1.000")
+
+
 def test_tensorboard_event_file_written(tmp_path):
     tb_dir = tmp_path / "tb"
     logger = MetricsLogger(LoggingArgs(tensorboard_dir=str(tb_dir)), str(tmp_path), 0, {"train_iters": 2},
