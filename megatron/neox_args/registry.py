@@ -1,4 +1,4 @@
-"""The index of every YAML key: normalized key -> (section, field, type annotation, default).
+"""The index of every YAML key: normalized key -> (section, field, type annotation).
 
 Keys are normalized by replacing dashes with underscores (`train-iters` is `train_iters`); case matters.
 Field names are unique across sections, so a flat key names exactly one field.
@@ -17,16 +17,11 @@ from megatron.neox_args.sections import SECTIONS
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One settable field: its YAML key, the section it lives in, its resolved type and default."""
+    """One settable field: its YAML key, the section it lives in and its resolved type annotation."""
 
     name: str
     section: str
     annotation: Any
-    default: Any
-
-    def default_value(self) -> Any:
-        """The default, with mutable defaults built fresh (default_factory)."""
-        return self.default() if callable(self.default) else self.default
 
 
 def normalize_key(key: str) -> str:
@@ -44,11 +39,7 @@ def _build_index() -> dict[str, FieldSpec]:
                     f"field {f.name!r} is defined in both section {index[f.name].section!r} and "
                     f"{section_name!r}; YAML keys must be unique across sections"
                 )
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            else:
-                default = f.default_factory  # called by FieldSpec.default_value
-            index[f.name] = FieldSpec(f.name, section_name, hints[f.name], default)
+            index[f.name] = FieldSpec(f.name, section_name, hints[f.name])
     return index
 
 
