@@ -69,7 +69,8 @@ def format_train_line(iteration: int, total_iters: Optional[int], values: dict) 
         parts.append(f"grad_norm {values['grad_norm']:.2f}")
     if values.get("tokens_per_s") is not None:
         parts.append(f"tok/s {format_count(values['tokens_per_s'])}")
-        parts.append(f"TFLOP/s {values['tflops_per_device']:.1f}")
+        tflops = values["tflops_per_device"]
+        parts.append(f"TFLOP/s {tflops:.1f}" if tflops >= 100 else f"TFLOP/s {tflops:.3g}")
         mfu = values.get("mfu")
         parts.append(f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU n/a")
         parts.append(f"step {format_duration(values['step_time_s'])}")

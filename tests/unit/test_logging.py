@@ -51,10 +51,10 @@ def test_console_line_matches_documented_format():
 
 
 def test_console_line_without_peak_and_with_extras():
-    line = format_train_line(5, None, dict(loss=2.0, lr=1e-3, tokens_per_s=900.0, tflops_per_device=0.01,
+    line = format_train_line(5, None, dict(loss=2.0, lr=1e-3, tokens_per_s=900.0, tflops_per_device=0.0125,
                                            mfu=None, step_time_s=1.0, eta_s=None, loss_scale=65536.0))
     assert line.startswith("iter 5 | loss 2.000")
-    assert "MFU n/a" in line and "ETA n/a" in line
+    assert "MFU n/a" in line and "ETA n/a" in line and "TFLOP/s 0.0125" in line
     assert line.endswith("loss_scale 6.554e+04")
 
 
