@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import pytest
 import yaml
 
 from megatron.launcher.cli import run_forwarding_signals
