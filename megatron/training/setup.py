@@ -27,13 +27,13 @@ def init_distributed() -> str:
 
 def prepare_bundled_data(data_args) -> None:
     """Build the bundled corpus once per node when the config points at it (others wait)."""
-    from megatron.data.bundled import BUNDLED_PREFIX_ROOT, ensure_bundled_data
+    from megatron.data.bundled import ensure_bundled_data, is_bundled_prefix
 
     prefixes = [data_args.data_path] if data_args.data_path else []
     for paths in (data_args.train_data_paths, data_args.valid_data_paths, data_args.test_data_paths):
         prefixes += list(paths or [])
     for prefix in prefixes:
-        if prefix.startswith(BUNDLED_PREFIX_ROOT):
+        if is_bundled_prefix(prefix):
             ensure_bundled_data(prefix)
 
 
@@ -73,7 +73,10 @@ def build_and_train(args) -> dict:
     args.set_vocab_size(tokenizer.vocab_size)
     prepare_bundled_data(args.data)
 
-    model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision)
+    model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision,
+                     checkpoint_activations=args.training.checkpoint_activations,
+                     checkpoint_num_layers=args.training.checkpoint_num_layers,
+                     torch_compile=args.training.torch_compile)
     engine = build_engine(args, model, device_type, parallel)
 
     progress = TrainProgress()

@@ -19,6 +19,23 @@ import torch.distributed as dist
 from megatron.checkpointing.resume import TrainProgress, save_checkpoint
 
 
+def unclipped_grad_norm(model: torch.nn.Module, parallel) -> torch.Tensor:
+    """L2 norm of the full (all tensor ranks) gradient, before clipping; a device scalar.
+
+    Tensor-parallel shards count on every rank, replicated parameters on tensor rank 0 only, then the
+    squares are summed over the tensor group. Gradients are already averaged over data parallel here.
+    """
+    squares = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        if getattr(param, "tensor_model_parallel", False) or parallel.tp_rank == 0:
+            squares += param.grad.detach().float().pow(2).sum()
+    if dist.is_initialized() and parallel.tp_size > 1:
+        dist.all_reduce(squares, group=parallel.tp_group)
+    return squares.sqrt()
+
+
 class Trainer:
     def __init__(self, args, engine, model, parallel, iterators, logger, meter, progress: TrainProgress):
         self.args = args
@@ -35,6 +52,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         self._loss_count = 0
         self._skipped = 0
+        self._fp32_grad_norm = None
 
     # ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -45,12 +63,14 @@ class Trainer:
         logits = self.engine(batch["tokens"])  # [b, s, vocab/tp]
         return self.model.loss(logits, batch["labels"], batch["loss_mask"])
 
-    def train_step(self) -> None:
+    def train_step(self, measure_grad_norm: bool = False) -> None:
         """One optimizer step over grad_acc micro-batches."""
         self.engine.train()
-        for _ in range(self.grad_acc):
+        for micro in range(self.grad_acc):
             loss = self._forward_loss(next(self.train_iter))
             self.engine.backward(loss)
+            if measure_grad_norm and micro == self.grad_acc - 1 and not self._engine_tracks_grad_norm():
+                self._fp32_grad_norm = unclipped_grad_norm(self.model, self.parallel)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             self._loss_sum += loss.detach().float()
             self._loss_count += 1
@@ -68,8 +88,13 @@ class Trainer:
             value /= self.parallel.dp_size
         return float(value)
 
+    def _engine_tracks_grad_norm(self) -> bool:
+        """DeepSpeed records the norm itself with bf16/fp16 or ZeRO; plain fp32 clipping discards it."""
+        engine = self.engine
+        return engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization()
+
     def _grad_norm(self):
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if self._engine_tracks_grad_norm() else self._fp32_grad_norm
         return None if norm is None else float(norm)
 
     def _log_train(self, step_seconds: float) -> None:
@@ -121,9 +146,9 @@ class Trainer:
         interval_start = time.perf_counter()
         steps_in_interval = 0
         while self.progress.iteration < training.train_iters:
-            self.train_step()
+            it = self.progress.iteration + 1
+            self.train_step(measure_grad_norm=it % log_interval == 0 or it == training.train_iters)
             steps_in_interval += 1
-            it = self.progress.iteration
             if it % log_interval == 0 or it == training.train_iters:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
