@@ -9,25 +9,28 @@ embeddings) receives on rank r only the gradient from sequence chunk r:
 so the true gradient is the sum over the tensor group, taken EXACTLY once per contribution.
 Such parameters carry `sequence_parallel_grad = True` (`layers.mark_sequence_parallel_param`).
 
-Two ways to apply the sum; use exactly one per model:
+Two ways to apply the sum; use exactly one per model (`grad_sync_mode(zero_stage)` picks):
 
-1. `allreduce_sequence_parallel_grads(module, state)` -- once per optimizer step, after the
-   backward of the last micro-batch and before gradient clipping / `engine.step()`. Summing is
-   linear, so summing the accumulated gradient once equals summing every micro-batch. It needs the
-   gradients to be in `param.grad` at that point: DeepSpeed ZeRO stage 0 and 1 (the data-parallel
-   reduction in `engine.backward` leaves `param.grad` in place; averaging over dp and summing over
-   tp commute). One flattened buffer per dtype, one collective each.
+1. `allreduce_sequence_parallel_grads(module, state)` -- once per optimizer step: after the
+   backward of the last micro-batch and before clipping / the optimizer step. With DeepSpeed:
+   `engine.backward(loss)`; `if engine.is_gradient_accumulation_boundary():
+   allreduce_sequence_parallel_grads(...)`; `engine.step()`. Summing is linear, so summing the
+   accumulated gradient once equals summing every micro-batch; averaging over dp (done inside
+   `engine.backward` at the boundary) and summing over tp commute. One flattened buffer per dtype,
+   one collective each. It needs the gradients in `param.grad` at that point, which holds for plain
+   torch and DeepSpeed ZeRO stage 0 (fp32 and bf16; checked in tests/distributed).
 
-2. `register_sequence_parallel_grad_hooks(module, state)` -- for ZeRO stage 2 and 3. There,
-   DeepSpeed's own hooks on each parameter's gradient accumulator move the gradient into its
-   reduction buckets (and, with `overlap_comm`, start the data-parallel reduce-scatter) during
-   backward, and `param.grad` is released; no `param.grad` is left for a once-per-step function.
-   The hook here is a tensor hook on the parameter (`param.register_hook`), which runs on each
-   micro-batch's incoming gradient BEFORE it is accumulated, i.e. before DeepSpeed's accumulate-grad
-   hooks see it; so DeepSpeed reduces, partitions and accumulates the already tensor-summed gradient,
-   each micro-batch's contribution summed once. (A post-accumulate hook would be wrong: with gradient
-   accumulation it would re-sum the previous micro-batches' already-summed gradient.) It costs one
-   small collective per marked parameter per micro-batch.
+2. `register_sequence_parallel_grad_hooks(module, state)` -- for ZeRO stage >= 1. DeepSpeed 0.19
+   moves gradients out of `param.grad` during `engine.backward`: stage 1 at the accumulation
+   boundary (`reduce_gradients` -> `reduce_ready_partitions_and_remove_grads`), stage 2/3 on every
+   micro-batch from `register_post_accumulate_grad_hook` hooks (with or without `overlap_comm`), so
+   no `param.grad` is left for (1). The hook here is a tensor hook on the parameter
+   (`param.register_hook`): it runs on each micro-batch's incoming gradient BEFORE it is accumulated,
+   hence before any post-accumulate hook of DeepSpeed whatever the registration order; DeepSpeed then
+   reduces, partitions and accumulates the already tensor-summed gradient, each micro-batch's
+   contribution summed once. (A post-accumulate hook of ours would be wrong: it would run after
+   DeepSpeed's, or, with gradient accumulation into `param.grad`, re-sum earlier micro-batches.)
+   Cost: one small collective per marked parameter per micro-batch. It is also correct at stage 0.
 
 Both keep a per-parameter counter, `param.sequence_parallel_grad_reductions`, incremented each time
 the parameter's gradient is summed (once per step with (1), once per micro-batch with (2)), so tests
@@ -61,6 +64,12 @@ def _count(param: nn.Parameter) -> None:
     setattr(param, REDUCTION_COUNTER, getattr(param, REDUCTION_COUNTER, 0) + 1)
 
 
+def grad_sync_mode(zero_stage: int) -> str:
+    """Which of the two methods fits a DeepSpeed ZeRO stage: "once_per_step" (stage 0, or no
+    DeepSpeed) or "hooks" (stage >= 1). See the module docstring for why."""
+    return "once_per_step" if int(zero_stage) == 0 else "hooks"
+
+
 def allreduce_sequence_parallel_grads(module: nn.Module, state: Any) -> int:
     """Sum `param.grad` over `state.tp_group` for every parameter marked `sequence_parallel_grad`.
 
@@ -69,7 +78,14 @@ def allreduce_sequence_parallel_grads(module: nn.Module, state: Any) -> int:
     """
     if not _sp_active(state):
         return 0
-    params = [p for p in sequence_parallel_params(module) if p.grad is not None]
+    marked = sequence_parallel_params(module)
+    params = [p for p in marked if p.grad is not None]
+    if marked and not params:
+        raise RuntimeError(
+            "allreduce_sequence_parallel_grads: no parameter marked sequence_parallel_grad has a .grad. "
+            "Call it after the last micro-batch's backward and before the optimizer step; under DeepSpeed "
+            "ZeRO stage >= 1 gradients leave param.grad during engine.backward, so use "
+            "register_sequence_parallel_grad_hooks(module, state) instead (see megatron/mpu/grads.py).")
     if any(hasattr(p, _HOOK_HANDLE) for p in params):
         raise RuntimeError("allreduce_sequence_parallel_grads: these parameters already have "
                            "register_sequence_parallel_grad_hooks hooks; use only one of the two.")
