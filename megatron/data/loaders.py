@@ -115,12 +115,16 @@ def make_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_r
                      num_workers: int) -> torch.utils.data.DataLoader:
     """DataLoader over this rank's micro-batches (PretrainingSampler), collated by `collate_samples`."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # A private generator: each new iterator of a DataLoader draws its workers' base seed from it, and
+    # drawing from the global generator would shift dropout masks after a resume (the order is fixed
+    # by the sampler; the data itself uses no randomness).
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         collate_fn=collate_samples,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

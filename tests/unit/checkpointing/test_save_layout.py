@@ -1,0 +1,90 @@
+"""Checkpoint directory rules with a stand-in engine: atomic `latest`, `complete` marker, pruning,
+interrupted saves, and clear errors for damaged checkpoints."""
+
+import os
+
+import pytest
+import torch
+
+from megatron.checkpointing import CheckpointError, complete_tags, read_latest_tag, read_model_state
+from megatron.checkpointing.resume import TrainProgress, save_checkpoint
+from megatron.neox_args import NeoXArgs
+
+CONFIG = {
+    "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8,
+    "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 1,
+    "train_iters": 10,
+}
+
+
+class FakeEngine:
+    """Writes what DeepSpeed writes for one rank; can fail halfway through like a killed save."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # we switch `latest` ourselves
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        path = os.path.join(save_dir, tag, "mp_rank_00_model_states.pt")
+        torch.save({"module": {"w": torch.arange(4.0)}, **client_state}, path)
+        if self.fail:
+            raise KeyboardInterrupt("killed while writing the optimizer states")
+
+
+@pytest.fixture
+def args(tmp_path):
+    config = dict(CONFIG, save=str(tmp_path / "ckpt"), keep_last_n_checkpoints=2)
+    return NeoXArgs.from_dict(config, world_size=1)
+
+
+def test_save_writes_complete_checkpoint_and_latest(args):
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=3, consumed_train_samples=3))
+    save = args.checkpoint.save
+    assert read_latest_tag(save) == "global_step3"
+    assert complete_tags(save) == ["global_step3"]
+    state, saved_args = read_model_state(save)
+    assert torch.equal(state["w"], torch.arange(4.0))
+    assert saved_args.model.hidden_size == 16
+    assert os.path.isfile(os.path.join(save, "global_step3", "rng_state_rank0.pt"))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(args):
+    save = args.checkpoint.save
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=2))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeEngine(fail=True), args, TrainProgress(iteration=4))
+    assert read_latest_tag(save) == "global_step2"
+    assert complete_tags(save) == ["global_step2"]
+    assert os.path.isdir(os.path.join(save, "global_step4"))  # partial, never pointed at
+    # the next good save prunes the stale partial directory
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=6))
+    assert not os.path.exists(os.path.join(save, "global_step4"))
+    assert read_latest_tag(save) == "global_step6"
+
+
+def test_keep_last_n(args):
+    for iteration in (1, 2, 3, 4):
+        save_checkpoint(FakeEngine(), args, TrainProgress(iteration=iteration))
+    assert complete_tags(args.checkpoint.save) == ["global_step3", "global_step4"]
+
+
+def test_damaged_checkpoints_give_clear_errors(args, tmp_path):
+    save = args.checkpoint.save
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=5))
+    weights = os.path.join(save, "global_step5", "mp_rank_00_model_states.pt")
+    with open(weights, "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt.*corrupted"):
+        read_model_state(save)
+    with open(os.path.join(save, "latest"), "w") as handle:
+        handle.write("global_step9")
+    with pytest.raises(CheckpointError, match="global_step9"):
+        read_latest_tag(save)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_latest_tag(str(tmp_path / "nowhere"))
+    os.remove(os.path.join(save, "global_step5", "complete"))
+    with open(os.path.join(save, "latest"), "w") as handle:
+        handle.write("global_step5")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_latest_tag(save)
