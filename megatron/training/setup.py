@@ -57,7 +57,8 @@ def build_and_train(args) -> dict:
     from megatron.data import build_train_valid_test_data_iterators
     from megatron.logging import MetricsLogger
     from megatron.model import GPTModel
-    from megatron.mpu import initialize_model_parallel
+    from megatron.mpu import initialize_model_parallel, register_sequence_parallel_grad_hooks
+    from megatron.mpu.grads import grad_sync_mode
     from megatron.mpu.random import model_parallel_seed
     from megatron.tokenizer import build_tokenizer
     from megatron.training.metrics import ThroughputMeter
@@ -77,6 +78,12 @@ def build_and_train(args) -> dict:
                      checkpoint_activations=args.training.checkpoint_activations,
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
                      torch_compile=args.training.torch_compile)
+    sum_sp_grads_per_step = False
+    if parallel.sequence_parallel and parallel.tp_size > 1:
+        if grad_sync_mode(args.parallel.zero_optimization.get("stage", 0)) == "hooks":
+            register_sequence_parallel_grad_hooks(model, parallel)
+        else:
+            sum_sp_grads_per_step = True
     engine = build_engine(args, model, device_type, parallel)
 
     progress = TrainProgress()
@@ -91,5 +98,6 @@ def build_and_train(args) -> dict:
     rank = torch.distributed.get_rank()
     logger = MetricsLogger(args.logging, args.logging.log_dir, rank, args.to_dict())
     meter = ThroughputMeter.for_run(args, device_type)
-    trainer = Trainer(args, engine, model, parallel, iterators, logger, meter, progress)
+    trainer = Trainer(args, engine, model, parallel, iterators, logger, meter, progress,
+                      sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step)
     return trainer.train()

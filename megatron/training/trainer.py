@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.resume import TrainProgress, save_checkpoint
+from megatron.mpu.grads import allreduce_sequence_parallel_grads
 
 
 def unclipped_grad_norm(model: torch.nn.Module, parallel) -> torch.Tensor:
@@ -37,7 +38,8 @@ def unclipped_grad_norm(model: torch.nn.Module, parallel) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, args, engine, model, parallel, iterators, logger, meter, progress: TrainProgress):
+    def __init__(self, args, engine, model, parallel, iterators, logger, meter, progress: TrainProgress,
+                 sum_sequence_parallel_grads_per_step: bool = False):
         self.args = args
         self.engine = engine
         self.model = model  # the GPTModel inside the engine (for .loss)
@@ -53,6 +55,9 @@ class Trainer:
         self._loss_count = 0
         self._skipped = 0
         self._fp32_grad_norm = None
+        # Under SP with ZeRO stage 0 the norm/bias grads are summed over the tensor group once per step
+        # here; with ZeRO >= 1 tensor hooks registered at build time do it (see megatron/mpu/grads.py).
+        self.sum_sequence_parallel_grads_per_step = sum_sequence_parallel_grads_per_step
 
     # ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -69,6 +74,8 @@ class Trainer:
         for micro in range(self.grad_acc):
             loss = self._forward_loss(next(self.train_iter))
             self.engine.backward(loss)
+            if micro == self.grad_acc - 1 and self.sum_sequence_parallel_grads_per_step:
+                allreduce_sequence_parallel_grads(self.model, self.parallel)
             if measure_grad_norm and micro == self.grad_acc - 1 and not self._engine_tracks_grad_norm():
                 self._fp32_grad_norm = unclipped_grad_norm(self.model, self.parallel)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
