@@ -1,5 +1,7 @@
-"""GPTModel with tensor parallelism 2 (gloo, 2 processes), with and without sequence parallelism, equals
-the single-process model: logits, loss and every parameter's gradient (sharded ones compared shard-wise)."""
+"""GPTModel with tensor parallelism 2 and 4 (gloo, 2 and 4 processes), with and without sequence
+parallelism, equals the single-process model: logits, loss and every parameter's gradient (sharded ones
+compared shard-wise). Under SP every gradient marked `sequence_parallel_grad` is summed over the tensor
+group exactly once (a missing sum or a second one would also break the gradient comparison)."""
 
 import torch
 import torch.distributed as dist
@@ -10,6 +12,14 @@ from model_test_utils import VOCAB, make_args
 from tests.helpers.distributed import run_distributed
 
 TOL = 2e-5  # fp32, sums reordered by the reductions
+
+# TP=4 needs heads and kv heads divisible by 4
+CONFIGS_TP4 = {
+    "neox-untied-sequential": dict(num_attention_heads=8, rotary_pct=0.5, no_weight_tying=True),
+    "llama-gqa-untied-parallel": dict(num_attention_heads=8, num_kv_heads=4, norm="rmsnorm", activation="swiglu",
+                                      use_bias_in_mlp=False, gpt_j_residual=True, no_weight_tying=True),
+    "learned-pos-tied": dict(num_attention_heads=8, pos_emb="learned"),
+}
 
 CONFIGS = {
     "neox-untied-parallel-residual": dict(rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True),
@@ -35,10 +45,17 @@ def _check_model(state, overrides):
     ref_loss.backward()
 
     logits = parallel(tokens)  # [b, s, V/2]
-    assert logits.shape == (2, 16, VOCAB // 2)
+    assert logits.shape == (2, 16, VOCAB // state.tp_size)
     loss = parallel.loss(logits, labels, mask)
     loss.backward()
-    mpu.allreduce_sequence_parallel_grads(parallel, state)
+    mpu.grads.reset_reduction_counters(parallel)
+    summed = mpu.allreduce_sequence_parallel_grads(parallel, state)
+    marked = mpu.grads.sequence_parallel_params(parallel)
+    if state.sequence_parallel:
+        assert marked and summed == len(marked)
+        assert all(getattr(p, mpu.grads.REDUCTION_COUNTER) == 1 for p in marked)
+    else:
+        assert summed == 0
 
     shards = [torch.empty_like(logits) for _ in range(state.tp_size)]
     dist.all_gather(shards, logits.detach().contiguous(), group=state.tp_group)
@@ -63,5 +80,17 @@ def _tp2(rank, world_size):
     return "ok"
 
 
+def _tp4(rank, world_size):
+    for sequence_parallel in (False, True):
+        state = mpu.initialize_model_parallel(4, sequence_parallel=sequence_parallel)
+        for overrides in CONFIGS_TP4.values():
+            _check_model(state, overrides)
+    return "ok"
+
+
 def test_tensor_and_sequence_parallel_match_single_process():
     assert run_distributed(_tp2, 2, timeout=180) == ["ok", "ok"]
+
+
+def test_tensor_parallel_4_matches_single_process():
+    assert run_distributed(_tp4, 4, timeout=300) == ["ok"] * 4
