@@ -132,11 +132,24 @@ def _check_compatible(saved_args, args, path: str) -> None:
                               f"make the config match it:\n  " + "\n  ".join(diffs))
 
 
+def has_checkpoint(load_dir: str) -> bool:
+    """True when `load_dir` has a `latest` pointer (whether it is usable is checked on load)."""
+    return os.path.isfile(os.path.join(load_dir, "latest"))
+
+
 def load_checkpoint(engine, args) -> TrainProgress:
-    """Resume from `args.checkpoint.load` (its `latest`); with `finetune`, load weights only."""
+    """Resume from `args.checkpoint.load` (its `latest`); with `finetune`, load weights only.
+
+    A `load` directory without any checkpoint starts the run from scratch (as GPT-NeoX does, so that one
+    config both starts and resumes a run), except with `finetune`, which needs weights.
+    """
     from megatron.neox_args import NeoXArgs
 
     load_dir = args.checkpoint.load
+    if not has_checkpoint(load_dir) and not args.checkpoint.finetune:
+        if _rank() == 0:
+            print(f"load: no checkpoint in {load_dir!r} yet; starting from scratch", flush=True)
+        return TrainProgress()
     tag = read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
     with open(os.path.join(path, CONFIG_FILE)) as handle:

@@ -114,6 +114,9 @@ class Trainer:
             "consumed_samples": self.progress.consumed_train_samples,
         }
         record.update(self.meter.update(self.progress.iteration, step_seconds))
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["static_mem_gib"] = self._static_memory / 2**30
         self.logger.log_train(self.progress.iteration, record)
         self._loss_sum.zero_()
         self._loss_count = 0
@@ -150,6 +153,8 @@ class Trainer:
         training = self.args.training
         log_interval = self.args.logging.log_interval
         last_saved = None
+        # weights, optimizer states and gradient buffers, before any activation exists
+        self._static_memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         interval_start = time.perf_counter()
         steps_in_interval = 0
         while self.progress.iteration < training.train_iters:
