@@ -1,0 +1,73 @@
+"""tools/bench arithmetic and rendering: median, tokens/s, TFLOP/s, MFU, ratios, --set parsing, table cells."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tools", "bench")
+sys.path.insert(0, os.path.abspath(BENCH_DIR))
+
+from bench_config import apply_overrides, parse_set  # noqa: E402
+from bench_report import render_markdown, row_cells  # noqa: E402
+from bench_stats import add_ratios, ratio, summarize_step_times, throughput  # noqa: E402
+
+
+def test_summary_reports_the_median_not_the_mean():
+    summary = summarize_step_times([0.5, 0.1, 0.2, 0.3, 9.0])  # one slow outlier
+    assert summary["median_step_s"] == 0.3
+    assert summary["mean_step_s"] == pytest.approx(2.02)
+    assert (summary["min_step_s"], summary["max_step_s"]) == (0.1, 9.0)
+    assert summarize_step_times([0.1, 0.3])["median_step_s"] == pytest.approx(0.2)  # even count: midpoint
+    with pytest.raises(ValueError):
+        summarize_step_times([])
+
+
+def test_throughput_and_mfu_arithmetic():
+    # 8 x 2048 tokens in 0.5 s on a device of peak 989 TFLOP/s, 1e9 FLOPs per token
+    out = throughput(16384, 0.5, 1e9, 989e12)
+    assert out["tokens_per_s"] == pytest.approx(32768.0)
+    assert out["tflops"] == pytest.approx(32.768)
+    assert out["mfu"] == pytest.approx(32.768e12 / 989e12)
+    assert throughput(16384, 0.5, 1e9, None)["mfu"] is None  # CPU / unknown device
+    with pytest.raises(ValueError):
+        throughput(16384, 0.0, 1e9, None)
+
+
+def test_ratios_are_per_size_and_skip_failed_runs():
+    runs = [
+        {"size": "125M", "impl": "ours", "status": "ok", "tokens_per_s": 300.0},
+        {"size": "125M", "impl": "eager", "status": "ok", "tokens_per_s": 200.0},
+        {"size": "125M", "impl": "compiled", "status": "OOM"},
+        {"size": "410M", "impl": "ours", "status": "ok", "tokens_per_s": 50.0},
+        {"size": "410M", "impl": "eager", "status": "ok", "tokens_per_s": 100.0},
+    ]
+    add_ratios(runs, ["eager", "compiled"])
+    assert runs[0]["ratio_vs_eager"] == pytest.approx(1.5)
+    assert runs[0]["ratio_vs_compiled"] is None
+    assert runs[1]["ratio_vs_eager"] == pytest.approx(1.0)
+    assert runs[2]["ratio_vs_eager"] is None
+    assert runs[3]["ratio_vs_eager"] == pytest.approx(0.5)
+    assert ratio(1.0, 0.0) is None and ratio(None, 2.0) is None
+
+
+def test_failed_run_renders_its_status():
+    cells = row_cells({"size": "1.3B", "impl": "compiled", "status": "OOM", "error": "OutOfMemoryError: CUDA"},
+                      ["eager", "compiled"])
+    assert cells[0] == "HF GPTNeoX compiled" and cells[1] == "OOM"
+    meta = {"device": "cuda", "seq": 2048, "micro_batch": 8, "date": "today", "commit": "abc", "env": {}}
+    markdown = render_markdown(meta, [{"size": "1.3B", "impl": "compiled", "status": "OOM"}], ["eager"])
+    assert "| 1.3B | HF GPTNeoX compiled | OOM |" in markdown
+
+
+def test_set_values_are_yaml_scalars_and_dotted_keys_nest():
+    overrides = parse_set(["torch_compile=true", "sdpa_backend=cudnn", "zero_optimization.stage=0",
+                           "train-iters=10", "lr=1e-4", "peak_flops_per_device=null"])
+    assert overrides == {"torch_compile": True, "sdpa_backend": "cudnn", "zero_optimization.stage": 0,
+                         "train_iters": 10, "lr": 1e-4, "peak_flops_per_device": None}
+    config = apply_overrides({"zero_optimization": {"stage": 1, "overlap_comm": True}}, overrides)
+    assert config["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    with pytest.raises(ValueError):
+        parse_set(["no_equals_sign"])

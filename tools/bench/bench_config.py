@@ -1,0 +1,130 @@
+"""From a benchmark spec (size name, seq, micro-batch, device, `--set` overrides) to a resolved NeoXArgs.
+
+Both sides use it: ours trains with it, the baselines take the model shape and FLOP count from it.
+Precedence, lowest first: the size config (`configs/<size>.yml`), the benchmark's fixed keys (seq and
+micro-batch from the command line, one micro-batch per step, bf16 on cuda / fp32 on cpu, the synthetic
+data, no checkpoints or evaluation), then every `--set key=value` (so `--set` can override anything).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+SIZE_CONFIGS = {
+    "tiny": "configs/tiny.yml",
+    "125M": "configs/125M.yml",
+    "410M": "configs/410M.yml",
+    "1.3B": "configs/1-3B.yml",
+}
+"""Size name on the command line -> size config (relative to the repository root)."""
+
+GPT2_VOCAB = 50277
+"""The GPT-NeoX tokenizer's vocabulary; padded to 50304 with make_vocab_size_divisible_by 128."""
+TINY_VOCAB = 1000
+"""The `tiny` size's vocabulary (padded to 1024): CPU smoke tests stay fast."""
+
+
+def vocab_for(size: str) -> int:
+    return TINY_VOCAB if size == "tiny" else GPT2_VOCAB
+
+
+def config_path(size: str) -> str:
+    """Absolute path of the size config; a size that is not a known name may be a YAML path itself."""
+    if size in SIZE_CONFIGS:
+        return os.path.join(REPO_ROOT, SIZE_CONFIGS[size])
+    if size.endswith((".yml", ".yaml")) and os.path.isfile(size):
+        return os.path.abspath(size)
+    raise ValueError(f"unknown size {size!r}: use one of {', '.join(SIZE_CONFIGS)} or a path to a YAML config.")
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`["torch_compile=true", "zero_optimization.stage=0"]` -> {"torch_compile": True,
+    "zero_optimization.stage": 0}. Values are read by the config loader's YAML rules (true, null, [1, 2];
+    `1e-4` is a float as in config files); dashes in the first key part become underscores."""
+    from megatron.neox_args.loader import parse_yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set torch_compile=true")
+        head, dot, rest = key.partition(".")
+        parsed = parse_yaml(f"value: {value}\n", f"--set {item}")["value"] if value.strip() else None
+        out[head.replace("-", "_") + dot + rest] = parsed
+    return out
+
+
+def apply_overrides(config: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of `config` with each (possibly dotted) key set; dotted keys create nested dicts."""
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = config
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return config
+
+
+def bench_config_dict(spec: dict) -> dict:
+    """The flat config dict of one run (see the module docstring for the precedence)."""
+    from megatron.neox_args.loader import read_yaml_file
+
+    config = dict(read_yaml_file(config_path(spec["size"])) or {})
+    cuda = spec["device"] == "cuda"
+    iterations = spec["warmup"] + spec["steps"] + spec.get("extra_steps", 0)
+    for key in ("train_batch_size", "train-batch-size", "lr_decay_iters", "lr-decay-iters", "train_data_paths",
+                "valid_data_paths", "test_data_paths", "save", "load"):
+        config.pop(key, None)
+    fixed = {
+        "seq_length": spec["seq"],
+        "max_position_embeddings": spec["seq"],
+        "train_micro_batch_size_per_gpu": spec["micro_batch"],
+        "gradient_accumulation_steps": 1,
+        "train_iters": iterations,
+        "eval_interval": iterations + 1,
+        "eval_iters": 1,
+        "data_path": spec["data_prefix"],
+        "data_cache_dir": spec["cache_dir"],
+        "split": "1,0,0",
+        "tokenizer_type": "ByteLevelTokenizer",  # needs no files; the vocabulary is set by set_vocab_size
+        "num_workers": config.get("num_workers", 2) if cuda else 0,
+        "checkpoint_factor": None,
+        "log_dir": os.path.join(spec["cache_dir"], "logs"),
+        "bf16": {"enabled": cuda},
+        "fp16": {"enabled": False},
+        "num_gpus": 1,
+    }
+    config.update(fixed)
+    return apply_overrides(config, spec.get("overrides") or {})
+
+
+def build_neox_args(spec: dict):
+    """NeoXArgs of the run for world size 1, with the vocabulary of the size set (padded by the config)."""
+    from megatron.neox_args import NeoXArgs
+
+    source = f"{os.path.relpath(config_path(spec['size']), REPO_ROOT)} + benchmark settings/--set"
+    args = NeoXArgs.from_dict(bench_config_dict(spec), source=source, world_size=1)
+    args.set_vocab_size(vocab_for(spec["size"]))
+    return args
+
+
+def describe_ours(args) -> str:
+    """Short notes on the settings of our side that change speed (ZeRO stage, checkpointing, compile, ...)."""
+    notes = [f"zero{args.parallel.zero_optimization.get('stage', 0)}", args.derived.precision]
+    if args.training.checkpoint_activations:
+        notes.append(f"ckpt-act/{args.training.checkpoint_num_layers}")
+    if args.training.torch_compile:
+        notes.append("compile")
+    if args.model.attention_impl != "sdpa" or args.model.sdpa_backend:
+        notes.append(args.model.sdpa_backend or args.model.attention_impl)
+    if args.derived.gradient_accumulation_steps > 1:
+        notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
+    return ", ".join(notes)

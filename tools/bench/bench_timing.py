@@ -1,0 +1,111 @@
+"""Timing one training step function the same way for every implementation, plus device facts.
+
+`measure(step, ...)`: `warmup` untimed steps (compilation, allocator warm-up, DeepSpeed's first-step
+setup), then `steps` steps each timed on its own with the device synchronized before and after, so a
+step's time is everything it costs (host work, data loading, kernels) and nothing of its neighbours.
+Peak memory is counted from a reset after the warmup, i.e. the steady state of training.
+
+`find_host_syncs(step)`: runs one more step under `torch.cuda.set_sync_debug_mode("warn")` and returns
+where it synchronized the host with the GPU (`.item()`, `float(tensor)`, D2H copies, `nonzero`, ...).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import traceback
+import warnings
+from collections import Counter
+from typing import Callable
+
+import torch
+
+GIB = 1024 ** 3
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step: Callable[[], None], warmup: int, steps: int, device: str) -> dict:
+    """Run and time `step` (see the module docstring); returns step times and peak memory (GiB, cuda)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    result = {"step_times_s": times, "peak_alloc_gib": None, "peak_reserved_gib": None}
+    if device == "cuda":
+        result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return result
+
+
+def _frames_of_interest(stack: list) -> list[str]:
+    """The innermost frames of the stack in this repository or a library we compare (not warnings/bench)."""
+    keep = []
+    for frame in reversed(stack):
+        path = frame.filename
+        if "warnings.py" in path or os.sep + "bench" + os.sep in path:
+            continue
+        if any(part in path for part in ("megatron", "deepspeed", "transformers", "torch" + os.sep + "optim",
+                                         "torch" + os.sep + "nn" + os.sep + "utils")):
+            keep.append(f"{os.path.relpath(path) if 'megatron' in path else path}:{frame.lineno} ({frame.name})")
+        if len(keep) == 3:
+            break
+    return keep
+
+
+def find_host_syncs(step: Callable[[], None], device: str) -> list[dict]:
+    """Host-device synchronizations inside one call of `step` on cuda: [{"where": [...frames], "count": n,
+    "message": ...}], most frequent first. Empty on cpu (nothing to synchronize)."""
+    if device != "cuda":
+        return []
+    found: Counter = Counter()
+    messages: dict = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        where = tuple(_frames_of_interest(traceback.extract_stack()[:-1])) or (f"{filename}:{lineno}",)
+        found[where] += 1
+        messages.setdefault(where, str(message).splitlines()[0][:160])
+
+    synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [{"where": list(where), "count": count, "message": messages[where]}
+            for where, count in found.most_common()]
+
+
+def free_device_memory() -> None:
+    """Collect garbage and return cached blocks to the device (between phases of one worker)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def environment(device: str) -> dict:
+    """Device name and library versions, reported by every worker (the parent never touches the GPU)."""
+    info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda}
+    info["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    for name in ("deepspeed", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # a missing library is reported, not fatal
+            info[name] = None
+    return info
