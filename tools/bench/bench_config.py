@@ -98,7 +98,7 @@ def bench_config_dict(spec: dict) -> dict:
         "num_workers": config.get("num_workers", 2) if cuda else 0,
         "checkpoint_factor": None,
         "log_dir": os.path.join(spec["cache_dir"], "logs"),
-        "bf16": {"enabled": cuda},
+        "bf16": dict(config.get("bf16") or {}, enabled=cuda),  # other keys of the block are kept
         "fp16": {"enabled": False},
         "num_gpus": 1,
     }

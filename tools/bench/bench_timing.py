@@ -86,6 +86,9 @@ def find_host_syncs(step: Callable[[], None], device: str) -> list[dict]:
         try:
             step()
             synchronize(device)
+        except Exception as err:  # noqa: BLE001 - the timing already measured must survive
+            found[(f"sync-debug step failed: {type(err).__name__}",)] += 1
+            messages.setdefault((f"sync-debug step failed: {type(err).__name__}",), str(err)[:160])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [{"where": list(where), "count": count, "message": messages[where]}

@@ -71,3 +71,21 @@ def test_set_values_are_yaml_scalars_and_dotted_keys_nest():
     assert config["zero_optimization"] == {"stage": 0, "overlap_comm": True}
     with pytest.raises(ValueError):
         parse_set(["no_equals_sign"])
+
+
+def test_bench_config_precedence_size_config_then_fixed_keys_then_set():
+    from bench_config import bench_config_dict
+
+    spec = {"size": "1.3B", "device": "cuda", "seq": 1024, "micro_batch": 4, "steps": 3, "warmup": 2,
+            "data_prefix": "/tmp/x", "cache_dir": "/tmp/c",
+            "overrides": {"checkpoint_activations": False, "bf16.check_grad_overflow": False}}
+    config = bench_config_dict(spec)
+    assert (config["num_layers"], config["hidden_size"]) == (24, 2048)  # shape from configs/1-3B.yml
+    assert config["zero_optimization"]["stage"] == 1
+    assert (config["seq_length"], config["max_position_embeddings"]) == (1024, 1024)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 1)
+    assert config["train_iters"] == 5 and config["data_path"] == "/tmp/x"
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert config["checkpoint_activations"] is False
+    cpu = bench_config_dict(dict(spec, device="cpu", overrides={}))
+    assert cpu["bf16"] == {"enabled": False} and cpu["num_workers"] == 0
