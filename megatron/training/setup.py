@@ -52,27 +52,28 @@ def build_engine(args, model, device_type: str, parallel):
     return engine
 
 
-def build_and_train(args) -> dict:
-    """The whole run on this rank; returns the trainer's final values."""
-    from megatron.data import build_train_valid_test_data_iterators
-    from megatron.logging import MetricsLogger
-    from megatron.model import GPTModel
-    from megatron.mpu import initialize_model_parallel, register_sequence_parallel_grad_hooks
-    from megatron.mpu.grads import grad_sync_mode
+def init_parallel(args):
+    """Distributed init, tensor/pipeline/data groups and seeds; returns `(device_type, ParallelState)`."""
+    from megatron.mpu import initialize_model_parallel
     from megatron.mpu.random import model_parallel_seed
-    from megatron.tokenizer import build_tokenizer
-    from megatron.training.metrics import ThroughputMeter
-    from megatron.training.trainer import Trainer
 
     device_type = init_distributed()
     parallel = initialize_model_parallel(args.parallel.model_parallel_size,
                                          max(args.parallel.pipe_parallel_size, 1),
                                          sequence_parallel=args.parallel.sequence_parallel)
     model_parallel_seed(args.training.seed, parallel)
+    return device_type, parallel
 
-    tokenizer = build_tokenizer(args.tokenizer)
-    args.set_vocab_size(tokenizer.vocab_size)
-    prepare_bundled_data(args.data)
+
+def build_model(args, parallel):
+    """The GPTModel, with the sequence-parallel gradient sums set up for the ZeRO stage in use.
+
+    Returns `(model, sum_sp_grads_per_step)`: True when the trainer must sum the sequence-parallel
+    gradients once per step (ZeRO stage 0); with ZeRO >= 1 tensor hooks do it (megatron/mpu/grads.py).
+    """
+    from megatron.model import GPTModel
+    from megatron.mpu import register_sequence_parallel_grad_hooks
+    from megatron.mpu.grads import grad_sync_mode
 
     model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision,
                      checkpoint_activations=args.training.checkpoint_activations,
@@ -84,6 +85,23 @@ def build_and_train(args) -> dict:
             register_sequence_parallel_grad_hooks(model, parallel)
         else:
             sum_sp_grads_per_step = True
+    return model, sum_sp_grads_per_step
+
+
+def build_and_train(args) -> dict:
+    """The whole run on this rank; returns the trainer's final values."""
+    from megatron.data import build_train_valid_test_data_iterators
+    from megatron.logging import MetricsLogger
+    from megatron.tokenizer import build_tokenizer
+    from megatron.training.metrics import ThroughputMeter
+    from megatron.training.trainer import Trainer
+
+    device_type, parallel = init_parallel(args)
+    tokenizer = build_tokenizer(args.tokenizer)
+    args.set_vocab_size(tokenizer.vocab_size)
+    prepare_bundled_data(args.data)
+
+    model, sum_sp_grads_per_step = build_model(args, parallel)
     engine = build_engine(args, model, device_type, parallel)
 
     progress = TrainProgress()

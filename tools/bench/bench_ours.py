@@ -48,32 +48,15 @@ def run_ours(spec: dict, args) -> dict:
     """
     from megatron.checkpointing.resume import TrainProgress
     from megatron.data import build_train_valid_test_data_iterators
-    from megatron.model import GPTModel
-    from megatron.mpu import initialize_model_parallel, register_sequence_parallel_grad_hooks
-    from megatron.mpu.grads import grad_sync_mode
-    from megatron.mpu.random import model_parallel_seed
     from megatron.training.metrics import ThroughputMeter
-    from megatron.training.setup import build_engine, init_distributed
+    from megatron.training.setup import build_engine, build_model, init_parallel
     from megatron.training.trainer import Trainer
 
     single_process_env(spec.get("master_port", 29511))
-    device_type = init_distributed()
+    device_type, parallel = init_parallel(args)
     if device_type != spec["device"]:
         raise RuntimeError(f"init_distributed chose {device_type} but the benchmark asked for {spec['device']}")
-    parallel = initialize_model_parallel(args.parallel.model_parallel_size,
-                                         max(args.parallel.pipe_parallel_size, 1),
-                                         sequence_parallel=args.parallel.sequence_parallel)
-    model_parallel_seed(args.training.seed, parallel)
-    model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision,
-                     checkpoint_activations=args.training.checkpoint_activations,
-                     checkpoint_num_layers=args.training.checkpoint_num_layers,
-                     torch_compile=args.training.torch_compile)
-    sum_sp_grads_per_step = False
-    if parallel.sequence_parallel and parallel.tp_size > 1:
-        if grad_sync_mode(args.parallel.zero_optimization.get("stage", 0)) == "hooks":
-            register_sequence_parallel_grad_hooks(model, parallel)
-        else:
-            sum_sp_grads_per_step = True
+    model, sum_sp_grads_per_step = build_model(args, parallel)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(args, model, device_type, parallel)
     iterators = build_train_valid_test_data_iterators(args.data, args.training, args.derived,

@@ -88,4 +88,4 @@ def test_bench_config_precedence_size_config_then_fixed_keys_then_set():
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert config["checkpoint_activations"] is False
     cpu = bench_config_dict(dict(spec, device="cpu", overrides={}))
-    assert cpu["bf16"] == {"enabled": False} and cpu["num_workers"] == 0
+    assert cpu["bf16"]["enabled"] is False and cpu["num_workers"] == 0
