@@ -51,11 +51,11 @@ SMALL_MODEL = {
 }
 
 
-def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600) -> list[dict]:
-    """Train with SMALL_MODEL + overrides; return the train records of metrics.jsonl (one per iteration)."""
-    config = dict(SMALL_MODEL)
+def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600, base: dict = SMALL_MODEL) -> list[dict]:
+    """Train with `base` (SMALL_MODEL) + overrides; return the train records of metrics.jsonl."""
+    config = dict(base)
     config.update(overrides)
-    config.setdefault("log_dir", str(tmp_path / f"run_{name}"))
+    config["log_dir"] = overrides.get("log_dir", str(tmp_path / f"run_{name}"))
     config["master_port"] = find_free_port()
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
@@ -65,6 +65,12 @@ def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600) -> list[
     output = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, f"deepy.py failed ({proc.returncode}) for {name}:\n{output}"
     return read_metrics(config["log_dir"], "train")
+
+
+def load_config_file(path: str) -> dict:
+    """A shipped config as a flat dict (to run it with a few keys replaced)."""
+    with open(os.path.join(REPO_ROOT, path)) as handle:
+        return {key.replace("-", "_"): value for key, value in yaml.safe_load(handle).items()}
 
 
 def read_metrics(log_dir: str, kind: str) -> list[dict]:

@@ -35,3 +35,13 @@ def test_resume_is_exact_and_survives_an_interrupted_save(tmp_path):
     # the resumed run's own save of step 6 replaced the partial directory
     assert os.path.isfile(os.path.join(save, "global_step6", "complete"))
     assert open(os.path.join(save, "latest")).read().strip() == "global_step8"
+
+
+def test_finetune_loads_weights_only(tmp_path):
+    save = str(tmp_path / "ckpt")
+    trained = losses(run_deepy(tmp_path, "pre", {"train_iters": 6, "save": save, "checkpoint_factor": 6}))
+    fresh = losses(run_deepy(tmp_path, "fresh", {"train_iters": 2}))
+    tuned = losses(run_deepy(tmp_path, "tune", {"train_iters": 2, "load": save, "finetune": True}))
+    assert sorted(tuned) == [1, 2]  # iteration count starts again
+    # the weights came from the checkpoint: the first loss is the trained model's, not a fresh init's
+    assert tuned[1] < trained[6] + 0.3 and tuned[1] < fresh[1] - 0.5, (tuned, trained, fresh)
