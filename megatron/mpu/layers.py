@@ -25,7 +25,6 @@ from torch import nn
 
 from .mappings import (
     copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     group_rank,
     group_size,
@@ -33,6 +32,7 @@ from .mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
+from .sequence_parallel_linear import linear_with_sequence_parallel_gather
 
 InitMethod = Callable[[torch.Tensor], Any]
 
@@ -84,8 +84,9 @@ class ColumnParallelLinear(nn.Module):
     A_r^T: `[out/p, in]`, bias `[out/p]`.
 
     Input `[s, b, in]` (replicated); under SP the input is `[s/p, b, in]` and is all-gathered
-    along the sequence first (backward: reduce-scatter). Output `[s, b, out/p]`, or `[s, b, out]`
-    with `gather_output=True` (all-gather of the last dim; not allowed with SP).
+    along the sequence first (backward: reduce-scatter); only the local shard is saved for the
+    weight gradient, re-gathered in backward (`sequence_parallel_linear`). Output `[s, b, out/p]`,
+    or `[s, b, out]` with `gather_output=True` (all-gather of the last dim; not allowed with SP).
     With `skip_bias_add=True` the bias is not added: the caller adds `self.bias` (for fusions).
     """
 
@@ -118,12 +119,13 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.skip_bias_add else self.bias
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group, seq_dim=0)  # [s/p,b,in] -> [s,b,in]
+            # all-gather [s/p,b,in] -> [s,b,in] and matmul; saves only the local shard for backward
+            y = linear_with_sequence_parallel_gather(x, self.weight, bias, self.tp_group)  # [s,b,out/p]
         else:
             x = copy_to_tensor_parallel_region(x, self.tp_group)                   # [s,b,in]
-        bias = None if self.skip_bias_add else self.bias
-        y = F.linear(x, self.weight, bias)                                            # [s,b,out/p]
+            y = F.linear(x, self.weight, bias)                                        # [s,b,out/p]
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.tp_group)                  # [s,b,out]
         return y

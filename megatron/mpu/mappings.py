@@ -16,10 +16,13 @@ Each function below is an autograd `Function` whose forward is a collective over
 Notation: p = group size, r = this rank, X_i = the i-th of p equal chunks along the named dim.
 A `None` group or a group of size 1 makes every function the identity (single-process runs).
 
-`reduce_scatter_tensor` and `all_gather_into_tensor` work on dim 0, so a collective along another
-dim moves that dim to the front (contiguous) and back. gloo lacks reduce-scatter (and, in some torch
-versions, all_gather_into_tensor): for gloo groups the primitives fall back to all-reduce + own chunk
-and all_gather into a list + cat, so CPU tests run the same code above the primitive.
+The single-tensor collectives (`all_gather_single` / `reduce_scatter_single`, called
+`all_gather_into_tensor` / `reduce_scatter_tensor` before torch 2.10) work on dim 0: on `[s, b, h]`
+activations a sequence collective needs no transpose and no copy (a collective along another dim moves
+that dim to the front, contiguous, and back). Every backend, NCCL and gloo, goes through these same
+calls; only a gloo group whose torch lacks the single-tensor op (older versions) falls back, once
+detected, to all-reduce + own chunk and all_gather into a list + cat. The fallback is never taken on
+NCCL (an error there is raised, not hidden).
 """
 
 from __future__ import annotations
@@ -52,6 +55,36 @@ def _is_gloo(group: Any) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
+# the single-tensor collectives under their current names (the old names warn since torch 2.10)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# ops a gloo group has refused in single-tensor form (older torch): those use the fallback from then on
+_GLOO_WITHOUT_SINGLE_OP: set = set()
+
+
+def _try_single_op(op: str, call, group: Any) -> bool:
+    """Run the single-tensor collective `call()`; False when a gloo group lacks it (use the fallback).
+    On any other backend (NCCL) an error is raised, never hidden behind the fallback."""
+    if op in _GLOO_WITHOUT_SINGLE_OP and _is_gloo(group):
+        return False
+    try:
+        call()
+        return True
+    except (RuntimeError, NotImplementedError) as exc:
+        if not _is_gloo(group) or "support" not in str(exc).lower():  # only "gloo does not support ..."
+            raise
+        _GLOO_WITHOUT_SINGLE_OP.add(op)
+        return False
+
+
+class _Done:
+    """Handle of a collective that already finished (the synchronous gloo fallbacks)."""
+
+    def wait(self) -> bool:
+        return True
+
+
 def all_reduce(x: torch.Tensor, group: Any, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Return the all-reduce of `x` over `group` (a new tensor; `x` is never modified)."""
     if group_size(group) == 1:
@@ -80,31 +113,39 @@ def split_along_dim(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return x.narrow(dim, group_rank(group) * chunk, chunk).contiguous()
 
 
-def _all_gather_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """[n, ...] on each rank -> [p*n, ...], chunks in rank order."""
+def _all_gather_dim0(x: torch.Tensor, group: Any, async_op: bool = False):
+    """[n, ...] on each rank -> [p*n, ...], chunks in rank order, written straight into one buffer.
+
+    `async_op=True` returns `(out, handle)`; `out` is valid after `handle.wait()`.
+    """
     world = group_size(group)
-    x = x.contiguous()
-    if _is_gloo(group):
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=0)
+    x = x.contiguous()  # a no-op for the [s, b, h] activations passed here
     out = torch.empty((world * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
+    work = []
+    if not _try_single_op("all_gather", lambda: work.append(
+            _all_gather_single(out, x, group=group, async_op=async_op)), group):
+        dist.all_gather(list(out.chunk(world, 0)), x, group=group)  # gloo fallback: views of `out`
+        work = [_Done()]
+    return (out, work[0]) if async_op else out
 
 
-def _reduce_scatter_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """[p*n, ...] on each rank -> [n, ...] = chunk r of the sum over ranks."""
+def _reduce_scatter_dim0(x: torch.Tensor, group: Any, async_op: bool = False):
+    """[p*n, ...] on each rank -> [n, ...] = chunk r of the sum over ranks.
+
+    `async_op=True` returns `(out, handle)`; `out` is valid after `handle.wait()`.
+    """
     world = group_size(group)
     chunk = _check_divisible(x, 0, world, "reduce-scatter")
-    x = x.contiguous()
-    if _is_gloo(group):
-        summed = x.clone()
-        dist.all_reduce(summed, group=group)
-        return summed.narrow(0, group_rank(group) * chunk, chunk).contiguous()
+    x = x.contiguous()  # a no-op for the [s, b, h] activations passed here
     out = torch.empty((chunk,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
-    return out
+    work = []
+    if not _try_single_op("reduce_scatter", lambda: work.append(
+            _reduce_scatter_single(out, x, group=group, async_op=async_op)), group):
+        summed = x.clone()  # gloo fallback: all-reduce, keep own chunk
+        dist.all_reduce(summed, group=group)
+        out.copy_(summed.narrow(0, group_rank(group) * chunk, chunk))
+        work = [_Done()]
+    return (out, work[0]) if async_op else out
 
 
 def gather_along_dim(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
