@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 from bench_data import token_batches
-from bench_timing import find_host_syncs, measure
+from bench_timing import find_host_syncs, measure, profile_steps
 
 
 def build_hf_model(args, device: str):
@@ -67,6 +67,8 @@ def run_hf(spec: dict, args, compiled: bool) -> dict:
     result = measure(step, spec["warmup"], spec["steps"], device)
     if spec.get("sync_debug"):
         result["host_syncs"] = find_host_syncs(step, device)
+    if spec.get("profile"):
+        result["profile"] = profile_steps(step, device)
     result.update({
         "tokens_per_step": spec["micro_batch"] * spec["seq"],
         "params": n_params,

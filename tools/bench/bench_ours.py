@@ -15,7 +15,7 @@ import os
 import torch
 
 from bench_config import describe_ours
-from bench_timing import find_host_syncs, measure
+from bench_timing import find_host_syncs, measure, profile_steps
 
 
 class NullLogger:
@@ -68,6 +68,8 @@ def run_ours(spec: dict, args) -> dict:
     result = measure(trainer.train_step, spec["warmup"], spec["steps"], spec["device"])
     if spec.get("sync_debug"):
         result["host_syncs"] = find_host_syncs(trainer.train_step, spec["device"])
+    if spec.get("profile"):
+        result["profile"] = profile_steps(trainer.train_step, spec["device"])
     result.update({
         "tokens_per_step": args.derived.train_batch_size * args.model.seq_length,
         "params": n_params,

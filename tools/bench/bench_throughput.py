@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a config key of our side (repeatable), e.g. --set torch_compile=true")
     parser.add_argument("--sync-debug", action="store_true",
                         help="after timing, run one step with torch.cuda.set_sync_debug_mode and list host syncs")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 2 more steps and print the top operators by device time")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU in TFLOP/s (default: from the GPU name, e.g. H100 989)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "neox_bench"),
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
         overrides = parse_set(opts.overrides)
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
-    extra_steps = 1 if opts.sync_debug else 0
+    extra_steps = (1 if opts.sync_debug else 0) + (2 if opts.profile else 0)
     iterations = opts.warmup + opts.steps + extra_steps + 2
 
     runs: list[dict] = []
@@ -264,6 +266,7 @@ def main(argv=None) -> int:
             spec = {"size": size, "impl": impl, "device": device, "seq": opts.seq, "micro_batch": opts.micro_batch,
                     "steps": opts.steps, "warmup": opts.warmup, "extra_steps": extra_steps, "overrides": overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
+                    "profile": opts.profile,
                     "peak_flops": opts.peak_tflops * 1e12 if opts.peak_tflops else None}
             print(f"[bench] {size} {label(impl)} ...", file=sys.stderr, flush=True)
             run = finish_run(run_worker(spec, opts.cache_dir, opts.timeout))
@@ -276,6 +279,9 @@ def main(argv=None) -> int:
                 write_json(opts.out, build_meta(opts, sizes, baselines, device, runs), runs)
 
     meta = build_meta(opts, sizes, baselines, device, runs)
+    for run in runs:
+        if run.get("profile"):
+            print(f"\n--- profile: {run['size']} {label(run['impl'])} (2 steps) ---\n{run['profile']}")
     print(render_text(meta, runs, baselines))
     if opts.markdown:
         print()

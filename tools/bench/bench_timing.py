@@ -95,6 +95,21 @@ def find_host_syncs(step: Callable[[], None], device: str) -> list[dict]:
             for where, count in found.most_common()]
 
 
+def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: int = 25) -> str:
+    """torch.profiler over `steps` calls of `step`: the top `rows` operators by self device time (self CPU
+    time on cpu), as the profiler's text table. Shows where a step's time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
 def free_device_memory() -> None:
     """Collect garbage and return cached blocks to the device (between phases of one worker)."""
     gc.collect()
