@@ -1,7 +1,12 @@
 """The GPT-NeoX / Llama-style decoder, read top to bottom like single-device code.
 
     tokens [b, s] -> embedding [s, b, h] -> num_layers x TransformerLayer -> final norm
-                  -> output head -> logits [b, s, padded_vocab/tp]
+                  -> output head -> logits [b, s, padded_vocab/tp]          (forward(tokens))
+                  -> output head + cross entropy -> scalar loss             (forward(tokens, labels, loss_mask))
+
+With labels the loss is computed in the sequence-first layout (labels and mask are transposed to [s, b],
+never the logits), and by default (`fused_cross_entropy`) the output projection and the loss run chunk by
+chunk over tokens (`mpu.fused_linear_cross_entropy`): the full logits are never materialized.
 
 Tensor parallelism comes only from the mpu layers it is built from (column/row-parallel linears,
 the vocab-parallel embedding); each rank holds `num_local_heads` heads and `intermediate_size/tp` MLP
@@ -24,6 +29,7 @@ from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 from megatron.model.positional import LearnedPositionEmbedding
 from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy
+from megatron.mpu.fused_cross_entropy import fused_linear_cross_entropy
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel_param
 from megatron.mpu.mappings import copy_to_tensor_parallel_region, gather_from_sequence_parallel_region
@@ -102,7 +108,10 @@ class TransformerLayer(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard).
+    """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard);
+    forward(tokens, labels [b, s], loss_mask [b, s] or None) -> scalar loss (mean over unmasked tokens),
+    equal to `loss(forward(tokens), labels, loss_mask)` but without the `[b, s, vocab/tp]` logits copy
+    and, with `model.fused_cross_entropy`, without materializing the logits at all.
 
     Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
@@ -125,11 +134,15 @@ class GPTModel(nn.Module):
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
         if checkpoint_num_layers < 1:
             raise ValueError(f"checkpoint_num_layers must be >= 1, got {checkpoint_num_layers}")
+        if model.cross_entropy_chunk_size < 1:
+            raise ValueError(f"cross_entropy_chunk_size must be >= 1, got {model.cross_entropy_chunk_size}")
         dtype = DTYPES[precision]
         self.parallel = parallel
         self.tied = not model.no_weight_tying
         self.checkpoint_activations = checkpoint_activations
         self.checkpoint_num_layers = checkpoint_num_layers
+        self.fused_cross_entropy = model.fused_cross_entropy
+        self.cross_entropy_chunk_size = model.cross_entropy_chunk_size
 
         self.embedding = Embedding(model, derived, parallel, dtype)
         self.layers = nn.ModuleList(
@@ -156,7 +169,8 @@ class GPTModel(nn.Module):
 
         return run
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s = tokens.shape
         if self.parallel.sequence_parallel and s % self.parallel.tp_size != 0:
             raise ValueError(f"sequence_parallel needs seq_length {s} divisible by model_parallel_size "
@@ -171,21 +185,47 @@ class GPTModel(nn.Module):
             x = self._run_layers(0, n)(x)
 
         x = self.final_norm(x)
-        logits = self.output_logits(x)  # [s, b, padded_vocab/tp]
-        return logits.transpose(0, 1).contiguous()  # [b, s, padded_vocab/tp]
+        if labels is None:
+            logits = self.output_logits(x)  # [s, b, padded_vocab/tp]
+            return logits.transpose(0, 1).contiguous()  # [b, s, padded_vocab/tp]
+        return self.loss_from_hidden(x, labels, loss_mask)
+
+    @property
+    def output_weight(self) -> nn.Parameter:
+        """The output projection `[padded_vocab/tp, h]`: the embedding weight when tied."""
+        return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+
+    def _output_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head's input, replicated over the tensor group: x [s, b, h] (or [s/tp, b, h] under SP)
+        -> [s, b, h]. The head is a column-parallel product, so the gradient of its input is summed over the
+        tensor group (copy's backward) or reduce-scattered back to the SP shards (gather's backward)."""
+        group = self.parallel.tp_group
+        if self.parallel.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, group, seq_dim=0)  # [s, b, h]
+        return copy_to_tensor_parallel_region(x, group)
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] (or [s/tp, b, h] under SP) -> logits [s, b, padded_vocab/tp]."""
         if self.output_layer is not None:
             return self.output_layer(x)
-        # tied: logits = x E^T with E the vocab-parallel embedding: a column-parallel product whose input
-        # is replicated (its gradient is summed over the tensor group) or all-gathered from the SP shards
-        group = self.parallel.tp_group
-        if self.parallel.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, group, seq_dim=0)  # [s, b, h]
-        else:
-            x = copy_to_tensor_parallel_region(x, group)
-        return F.linear(x, self.embedding.word_embeddings.weight)
+        # tied: logits = x E^T with E the vocab-parallel embedding
+        return F.linear(self._output_input(x), self.embedding.word_embeddings.weight)
+
+    def loss_from_hidden(self, x: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """Final-norm output x [s, b, h] (or [s/tp, b, h] under SP), labels/loss_mask [b, s] -> scalar loss
+        (fp32 mean over unmasked tokens). Labels and mask are transposed to the logits' [s, b] layout."""
+        labels = labels.t()  # [s, b]
+        mask = torch.ones(labels.shape, device=labels.device) if loss_mask is None else loss_mask.t()
+        mask = mask.float()
+        if not self.fused_cross_entropy:
+            losses = vocab_parallel_cross_entropy(self.output_logits(x), labels, self.parallel.tp_group)  # [s, b]
+            return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        h = self._output_input(x)  # [s, b, h]
+        token_weights = mask / mask.sum().clamp(min=1.0)
+        return fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.output_weight, labels.reshape(-1), token_weights.reshape(-1),
+            self.parallel.tp_group, self.cross_entropy_chunk_size,
+        )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Mean vocab-parallel cross entropy over the tokens where loss_mask is nonzero (a scalar, fp32)."""

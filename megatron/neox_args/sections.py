@@ -102,6 +102,15 @@ class ModelArgs:
     sdpa_backend: Optional[Literal["flash", "cudnn", "efficient", "math"]] = None
     """Force one SDPA backend (GPU); None lets torch choose."""
 
+    fused_cross_entropy: bool = True
+    """Compute the output projection and the cross-entropy loss together, chunk by chunk of tokens, with the
+    gradients in the same pass: the full logits `[tokens, vocab/tp]` are never materialized. Disable to get
+    plain logits followed by the vocab-parallel cross entropy (same loss and gradients, more memory)."""
+
+    cross_entropy_chunk_size: int = 4096
+    """Tokens per chunk of the fused cross entropy; its extra memory is about chunk x vocab/tp x 6 bytes in bf16
+    (fp32 logits of one chunk plus their bf16 copy). Must be >= 1."""
+
 
 @dataclass
 class ParallelArgs:

@@ -65,8 +65,9 @@ class Trainer:
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         batch = self._to_device(batch)
-        logits = self.engine(batch["tokens"])  # [b, s, vocab/tp]
-        return self.model.loss(logits, batch["labels"], batch["loss_mask"])
+        # the model returns the scalar loss itself (fused output projection + cross entropy by default),
+        # so the [b, s, vocab/tp] logits never leave it
+        return self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
 
     def train_step(self, measure_grad_norm: bool = False) -> None:
         """One optimizer step over grad_acc micro-batches."""

@@ -1,0 +1,133 @@
+"""Output projection fused with vocab-parallel cross entropy, chunked over tokens.
+
+The plain path computes logits Z = H W^T `[N, V/p]` for all N tokens, then the loss; it keeps Z (and, in
+fp32, several copies of it) alive until backward. Here the tokens are processed `chunk_size` rows at a time
+and the gradients are computed in the same pass, so no `[N, V/p]` tensor ever exists: the peak extra memory
+is about `chunk_size * V/p * (4 + 2)` bytes for bf16 inputs (the chunk's fp32 logits plus their copy in the
+input dtype), plus the saved gradients `[N, h]` (input dtype) and `[V/p, h]` (fp32).
+
+Notation: p = tensor-parallel size, rank r holds W_r = W[r*V/p : (r+1)*V/p] `[V/p, h]`; H `[N, h]` is
+REPLICATED on every rank (the caller applies `copy_to_tensor_parallel_region`, or under sequence
+parallelism `gather_from_sequence_parallel_region`, exactly as `ColumnParallelLinear` does); t `[N]` are
+global vocabulary ids; a `[N]` are fixed per-token weights (for a masked mean: loss_mask / sum(loss_mask)).
+
+Forward, for each chunk of rows, with z = H_c W_r^T computed in the input dtype and then held in fp32:
+
+    m_i   = max_v z_iv                      (local max, all-reduce MAX)
+    S_i   = sum_v exp(z_iv - m_i)           (local sum, all-reduce SUM)
+    z_it  = the target's logit              (owned by one rank; others add 0; all-reduce SUM, fused with S)
+    l_i   = log S_i + m_i - z_it
+    L     = sum_i a_i l_i                   (the returned scalar, identical on every rank)
+
+Gradients (the loss is linear in the per-token losses with KNOWN weights a_i, so they are exact for any
+upstream scalar g, which only scales them; they are computed in forward and multiplied by g in backward):
+
+    G_iv  = dL/dz_iv = a_i (softmax_iv - [v == t_i])        on this rank's vocabulary shard, fp32
+    dL/dW_r = G^T H                                          exact shard gradient (accumulated in fp32)
+    dL/dH  = sum_r G_r W_r                                   each rank computes its own term G_r W_r;
+                                                             the sum over ranks is the backward of the
+                                                             caller's copy (all-reduce) or SP gather
+                                                             (reduce-scatter), not done here.
+
+Only `[chunk]`-shaped vectors cross ranks (2 all-reduces per chunk). Works for a tied output layer
+(W = the vocab-parallel embedding weight) and an untied one (the ColumnParallelLinear weight, no bias): the
+gradient flows back to whichever Parameter is passed as `weight`, through autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .mappings import all_reduce, group_rank
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                token_weights: torch.Tensor, group: Any, chunk_size: int, compute_grad: bool):
+        n = hidden.shape[0]
+        vocab_per_rank = weight.shape[0]
+        start = group_rank(group) * vocab_per_rank
+        need_h = compute_grad and ctx.needs_input_grad[0]
+        need_w = compute_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        token_weights = token_weights.to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+        for lo in range(0, n, chunk_size):
+            hi = min(lo + chunk_size, n)
+            h_c, t_c, a_c = hidden[lo:hi], target[lo:hi], token_weights[lo:hi]
+            z = F.linear(h_c, weight).float()                                   # [c, V/p] fp32
+            local_max = z.max(dim=-1).values                                    # [c]
+            m = all_reduce(local_max, group, op=dist.ReduceOp.MAX)              # [c]
+
+            outside = (t_c < start) | (t_c >= start + vocab_per_rank)           # [c]
+            local_t = (t_c - start).masked_fill(outside, 0).unsqueeze(-1)       # [c, 1]
+            z_t = z.gather(-1, local_t).squeeze(-1).masked_fill(outside, 0.0)   # [c] raw target logit
+
+            z.sub_(m.unsqueeze(-1)).exp_()                                      # exp(z - m), in place
+            stats = all_reduce(torch.stack([z.sum(dim=-1), z_t]), group)        # [2, c]
+            sum_exp, z_t = stats[0], stats[1]
+            total += ((sum_exp.log() + m - z_t) * a_c).sum()
+
+            if need_h or need_w:
+                z.mul_((a_c / sum_exp).unsqueeze(-1))                           # a_i * softmax
+                z.scatter_add_(-1, local_t, (-a_c).masked_fill(outside, 0.0).unsqueeze(-1))  # - a_i onehot
+                g = z.to(hidden.dtype)                                          # no copy in fp32
+                del z
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[lo:hi])                      # this rank's term of dL/dH
+                if need_w:
+                    if g.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h_c)
+                    else:
+                        grad_w.add_(g.t() @ h_c)                                # fp32 accumulation over chunks
+                del g  # free before the next chunk's logits: one chunk's buffers alive at a time
+            else:
+                del z
+
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_total.float()
+        if grad_h is not None:
+            grad_h = grad_h * scale if grad_h.dtype == torch.float32 else (grad_h.float() * scale).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * scale).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               token_weights: torch.Tensor, group: Any, chunk_size: int = 4096) -> torch.Tensor:
+    """sum_i token_weights[i] * cross_entropy(hidden[i] @ W^T, target[i]), W sharded by vocabulary over `group`.
+
+    hidden `[N, h]` (bf16/fp16/fp32, replicated over `group`: see the module docstring), weight `[V/p, h]` of
+    the same dtype, target `[N]` int64 global vocabulary ids, token_weights `[N]` (no gradient; for a masked
+    mean pass loss_mask / loss_mask.sum()). Returns an fp32 scalar. The logits are computed `chunk_size`
+    tokens at a time and never stored; with a `None` or size-1 group this equals
+    `(F.cross_entropy((hidden @ weight.T).float(), target, reduction='none') * token_weights).sum()`.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} must be [N, h] and weight "
+                         f"{tuple(weight.shape)} [V/p, h].")
+    if target.shape != hidden.shape[:1] or token_weights.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: target {tuple(target.shape)} and token_weights "
+                         f"{tuple(token_weights.shape)} must be [N] = [{hidden.shape[0]}].")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) "
+                         f"must have the same dtype.")
+    if int(chunk_size) < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, target, token_weights.detach(), group,
+                                          int(chunk_size), compute_grad)

@@ -1,0 +1,124 @@
+"""fused_linear_cross_entropy (single process): the loss and the gradients of hidden and weight equal
+F.cross_entropy on the full logits with the per-token mask weighting (fp32, 1e-5), for chunk sizes that
+divide the token count or not, for a tied weight (shared with an embedding lookup) and an untied one,
+for any upstream gradient; nothing is computed for backward under no_grad; bad inputs are errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.mpu import fused_linear_cross_entropy
+
+N, H, V = 37, 16, 48
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _inputs(seed=0, n=N, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=gen, dtype=dtype)
+    weight = (0.5 * torch.randn(V, H, generator=gen)).to(dtype)
+    target = torch.randint(0, V, (n,), generator=gen)
+    mask = (torch.rand(n, generator=gen) > 0.3).float()
+    return hidden, weight, target, mask
+
+
+def _reference(hidden, weight, target, mask):
+    per_token = F.cross_entropy((hidden @ weight.t()).float(), target, reduction="none")
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, N, 4096])
+@pytest.mark.parametrize("upstream", [1.0, 0.37])
+def test_untied_loss_and_grads_equal_full_logits(chunk_size, upstream):
+    hidden, weight, target, mask = _inputs()
+    h_ref, w_ref, h, w = _leaf(hidden), _leaf(weight), _leaf(hidden), _leaf(weight)
+
+    ref = _reference(h_ref, w_ref, target, mask)
+    (ref * upstream).backward()
+    loss = fused_linear_cross_entropy(h, w, target, mask / mask.sum(), None, chunk_size)
+    (loss * upstream).backward()
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(h.grad, h_ref.grad, **TOL)
+    torch.testing.assert_close(w.grad, w_ref.grad, **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 7, 64])
+def test_tied_weight_accumulates_both_uses(chunk_size):
+    """W is also the input embedding: its gradient is the lookup's plus the loss's, through autograd."""
+    _, weight, target, mask = _inputs(seed=1)
+    tokens = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    proj = torch.randn(H, H, generator=torch.Generator().manual_seed(6)) / H ** 0.5
+    grads = []
+    for fused in (False, True):
+        w = _leaf(weight)
+        hidden = torch.tanh(F.embedding(tokens, w) @ proj)  # the hidden states depend on W too
+        if fused:
+            loss = fused_linear_cross_entropy(hidden, w, target, mask / mask.sum(), None, chunk_size)
+        else:
+            loss = _reference(hidden, w, target, mask)
+        loss.backward()
+        grads.append((loss.detach(), w.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], **TOL)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **TOL)
+
+
+def test_all_masked_and_single_grad_inputs():
+    hidden, weight, target, _ = _inputs(seed=2)
+    zeros = torch.zeros(N)
+    h, w = _leaf(hidden), _leaf(weight)
+    loss = fused_linear_cross_entropy(h, w, target, zeros, None, 8)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+    # only the weight needs a gradient (e.g. frozen trunk) and only the hidden states
+    mask = torch.ones(N) / N
+    w = _leaf(weight)
+    fused_linear_cross_entropy(hidden, w, target, mask, None, 8).backward()
+    w_ref = _leaf(weight)
+    _reference(hidden, w_ref, target, torch.ones(N)).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, **TOL)
+    h = _leaf(hidden)
+    fused_linear_cross_entropy(h, weight, target, mask, None, 8).backward()
+    h_ref = _leaf(hidden)
+    _reference(h_ref, weight, target, torch.ones(N)).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, **TOL)
+
+
+def test_no_grad_computes_loss_only():
+    hidden, weight, target, mask = _inputs(seed=3)
+    h, w = _leaf(hidden), _leaf(weight)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, w, target, mask / mask.sum(), None, 5)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, _reference(hidden, weight, target, mask), **TOL)
+
+
+def test_bf16_inputs_close_to_fp32():
+    hidden, weight, target, mask = _inputs(seed=4)
+    h, w = _leaf(hidden.bfloat16()), _leaf(weight.bfloat16())
+    loss = fused_linear_cross_entropy(h, w, target, mask / mask.sum(), None, 8)
+    loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    h_ref, w_ref = _leaf(h.detach().float()), _leaf(w.detach().float())
+    _reference(h_ref, w_ref, target, mask).backward()
+    torch.testing.assert_close(loss, _reference(h_ref, w_ref, target, mask).detach(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(w.grad.float(), w_ref.grad, atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(h.grad.float(), h_ref.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_bad_inputs_are_errors():
+    hidden, weight, target, mask = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_cross_entropy(hidden, weight, target, mask, None, 0)
+    with pytest.raises(ValueError, match="must be"):
+        fused_linear_cross_entropy(hidden, weight[:, :-1], target, mask, None, 8)
+    with pytest.raises(ValueError, match="target"):
+        fused_linear_cross_entropy(hidden, weight, target[:-1], mask, None, 8)
+    with pytest.raises(ValueError, match="dtype"):
+        fused_linear_cross_entropy(hidden, weight.double(), target, mask, None, 8)
