@@ -31,14 +31,29 @@ def normalize(key: str) -> str:
 
 
 def parse_assignments(items: list[str]) -> dict:
-    """`key=value` pairs; values are YAML scalars (`true`, `3e-4`, `[1, 2]`)."""
+    """`key=value` pairs; values are YAML scalars (`true`, `3e-4`, `[1,2]`); a dotted key sets one entry
+    of a block (`zero_optimization.stage=0`)."""
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"sweep: expected key=value, got {item!r}")
-        values[normalize(key.strip())] = yaml.safe_load(value)
+        *blocks, leaf = normalize(key.strip()).split(".")
+        target = values
+        for block in blocks:
+            target = target.setdefault(block, {})
+        target[leaf] = yaml.safe_load(value)
     return values
+
+
+def merge(config: dict, values: dict) -> None:
+    """Replace keys of `config` by `values`, entry by entry inside blocks (dicts)."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = dict(config[key])
+            merge(config[key], value)
+        else:
+            config[key] = value
 
 
 def merged_config(paths: list[str], *overrides: dict) -> dict:
@@ -48,7 +63,7 @@ def merged_config(paths: list[str], *overrides: dict) -> dict:
             for key, value in (yaml.safe_load(handle) or {}).items():
                 config[normalize(key)] = value
     for values in overrides:
-        config.update(values)
+        merge(config, values)
     return config
 
 

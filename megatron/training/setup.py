@@ -118,4 +118,8 @@ def build_and_train(args) -> dict:
     meter = ThroughputMeter.for_run(args, device_type)
     trainer = Trainer(args, engine, model, parallel, iterators, logger, meter, progress,
                       sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step)
-    return trainer.train()
+    final = trainer.train()
+    # leave no collective or communication thread running when the process exits
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return final
