@@ -9,7 +9,7 @@ embeddings) receives on rank r only the gradient from sequence chunk r:
 so the true gradient is the sum over the tensor group, taken EXACTLY once per contribution.
 Such parameters carry `sequence_parallel_grad = True` (`layers.mark_sequence_parallel_param`).
 
-Two ways to apply the sum; use exactly one per model (`grad_sync_mode(zero_stage)` picks):
+Two ways to apply the sum; use exactly one per model (`grad_sync_mode(zero_stage, precision)` picks):
 
 1. `allreduce_sequence_parallel_grads(module, state)` -- once per optimizer step: after the
    backward of the last micro-batch and before clipping / the optimizer step. With DeepSpeed:
@@ -64,10 +64,14 @@ def _count(param: nn.Parameter) -> None:
     setattr(param, REDUCTION_COUNTER, getattr(param, REDUCTION_COUNTER, 0) + 1)
 
 
-def grad_sync_mode(zero_stage: int) -> str:
-    """Which of the two methods fits a DeepSpeed ZeRO stage: "once_per_step" (stage 0, or no
-    DeepSpeed) or "hooks" (stage >= 1). See the module docstring for why."""
-    return "once_per_step" if int(zero_stage) == 0 else "hooks"
+def grad_sync_mode(zero_stage: int, precision: str = "fp32") -> str:
+    """Which of the two methods fits: "once_per_step" only for plain fp32 at ZeRO stage 0 (or no
+    DeepSpeed), "hooks" otherwise. With bf16 or fp16 DeepSpeed wraps the optimizer (FP16_Optimizer,
+    BF16_Optimizer, by config) and some wrappers move each micro-batch's `param.grad` into their own
+    fp32 buffers inside `engine.backward` (BF16_Optimizer.backward_epilogue -> update_hp_grads), where a
+    later sum of `param.grad` would not reach the update. The hooks act before any such copy, so they
+    are used whenever a mixed-precision wrapper is present. See the module docstring."""
+    return "once_per_step" if int(zero_stage) == 0 and precision == "fp32" else "hooks"
 
 
 def allreduce_sequence_parallel_grads(module: nn.Module, state: Any) -> int:

@@ -81,7 +81,8 @@ def build_model(args, parallel):
                      torch_compile=args.training.torch_compile)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:
-        if grad_sync_mode(args.parallel.zero_optimization.get("stage", 0)) == "hooks":
+        zero_stage = args.parallel.zero_optimization.get("stage", 0)
+        if grad_sync_mode(zero_stage, args.derived.precision) == "hooks":
             register_sequence_parallel_grad_hooks(model, parallel)
         else:
             sum_sp_grads_per_step = True

@@ -22,7 +22,7 @@ class _MarkedAndPlain(nn.Module):
         return (self.marked * c).sum() + (self.plain * c).sum()
 
 
-def _train_one_step(state, zero_stage, mode, contributions, rank):
+def _train_one_step(state, zero_stage, mode, contributions, rank, bf16=False):
     import deepspeed
 
     module = _MarkedAndPlain()
@@ -30,11 +30,11 @@ def _train_one_step(state, zero_stage, mode, contributions, rank):
         mpu.register_sequence_parallel_grad_hooks(module, state)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
               "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
-              "gradient_clipping": 0.0}
+              "gradient_clipping": 0.0, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
                                       config=config, mpu=state.deepspeed_mpu())
     for k in range(2):
-        engine.backward(engine(contributions[rank, k]))
+        engine.backward(engine(contributions[rank, k].to(next(engine.module.parameters()).dtype)))
         if mode == "once_per_step" and engine.is_gradient_accumulation_boundary():
             assert mpu.allreduce_sequence_parallel_grads(engine.module, state) == 1
         engine.step()
@@ -59,6 +59,13 @@ def _check(rank, world_size):
         torch.testing.assert_close(module.plain.detach(), expected_plain, rtol=0, atol=1e-5,
                                    msg=f"plain param, ZeRO {zero_stage}, {mode}")
         assert getattr(module.marked, REDUCTION_COUNTER) == (1 if mode == "once_per_step" else 2)
+    # bf16 at ZeRO 0 (DeepSpeed's mixed-precision wrapper): grad_sync_mode picks the hooks, which give
+    # the exact update there too (inputs rounded to bf16 first; tolerance covers bf16 parameter rounding)
+    assert grad_sync_mode(0, "bf16") == "hooks"
+    bf16_contributions = contributions.bfloat16().float()
+    module = _train_one_step(state, 0, "hooks", bf16_contributions, rank, bf16=True)
+    torch.testing.assert_close(module.marked.detach().float(), -bf16_contributions.sum((0, 1)) / 2,
+                               rtol=0, atol=2e-2, msg="marked param, ZeRO 0, bf16, hooks")
     try:
         _train_one_step(state, 1, "once_per_step", contributions, rank)
     except RuntimeError as exc:
