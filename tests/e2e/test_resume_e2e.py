@@ -45,3 +45,31 @@ def test_finetune_loads_weights_only(tmp_path):
     assert sorted(tuned) == [1, 2]  # iteration count starts again
     # the weights came from the checkpoint: the first loss is the trained model's, not a fresh init's
     assert tuned[1] < trained[6] + 0.3 and tuned[1] < fresh[1] - 0.5, (tuned, trained, fresh)
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_keeps_the_files(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.e2e.harness import REPO_ROOT, SMALL_MODEL
+    from tests.helpers.distributed import find_free_port
+
+    save = tmp_path / "ckpt"
+    run_deepy(tmp_path, "pre", {"train_iters": 2, "save": str(save), "checkpoint_factor": 2})
+    weights = save / "global_step2" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = sorted(p.name for p in (save / "global_step2").iterdir())
+    config = dict(SMALL_MODEL, train_iters=4, load=str(save), save=str(save), log_dir=str(tmp_path / "run"),
+                  master_port=find_free_port())
+    path = tmp_path / "resume.yml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "train.py: error: load: DeepSpeed could not read checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "global_step2" in proc.stderr and "latest" in proc.stderr  # names the path and the fix
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (save / "global_step2").iterdir()) == before  # nothing deleted
+    assert (save / "latest").read_text().strip() == "global_step2"
