@@ -3,6 +3,8 @@
     <save>/latest                              text: the tag of the newest COMPLETE checkpoint
     <save>/global_step<N>/                     one tag per save
         mp_rank_<tp:02d>_model_states.pt       DeepSpeed: {"module": state_dict, "client_state"..., ...}
+                                               (ZeRO-3: zero_pp_rank_<dp>_mp_rank_<tp:02d>_model_states.pt,
+                                               weights only in the partitions; see read_model_state)
         *_optim_states.pt                      DeepSpeed: optimizer (ZeRO partitions, or the whole one)
         rng_state_rank<r>.pt                   ours: every rank's RNG states
         neox_args.json                         ours: the resolved config of the run
@@ -14,6 +16,7 @@ interrupted save leaves the previous checkpoint as the one that resumes.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 
@@ -99,12 +102,40 @@ def torch_load(path: str, what: str):
                               f"`latest`.") from None
 
 
+def zero3_model_states_paths(load_dir: str, tag: str, tp_rank: int = 0) -> list[str]:
+    """The per-data-parallel-rank model files DeepSpeed writes under ZeRO stage 3 instead of
+    `mp_rank_XX_model_states.pt` (their `module` tensors are empty: the weights live in the partitions)."""
+    name = f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt"
+    return sorted(glob.glob(os.path.join(glob.escape(os.path.join(load_dir, tag)), name)))
+
+
+def zero3_consolidation_message(load_dir: str, tag: str, tp_rank: int = 0) -> str:
+    """How to turn a ZeRO-3 checkpoint into the full weights that `read_model_state` reads.
+
+    The commands are run verbatim by tests/e2e/test_zero_e2e.py (with `<out_dir>` replaced)."""
+    out = "<out_dir>"
+    target = model_states_path(load_dir, tag, tp_rank)
+    script = os.path.join(load_dir, "zero_to_fp32.py")
+    return (f"{os.path.join(load_dir, tag)} is a ZeRO stage 3 checkpoint: its weights are partitioned over the "
+            f"data-parallel ranks (the zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt files hold empty "
+            f"tensors), so there is no {os.path.basename(target)} with the full model. Consolidate the "
+            f"partitions with the script DeepSpeed saved beside the checkpoint (model_parallel_size 1 only: "
+            f"it does not separate tensor-parallel ranks): `python {script} {load_dir} {out} --tag {tag} "
+            f"--max_shard_size 100000GB` writes the fp32 weights to {out}/pytorch_model.bin with this "
+            f"trainer's keys; then `python -c \"import torch; torch.save({{'module': "
+            f"torch.load('{out}/pytorch_model.bin')}}, '{target}')\"` makes the checkpoint readable here and "
+            f"by tools/ckpts/convert_neox_to_hf.py.")
+
+
 def read_model_state(load_dir: str, tag: str | None = None, tp_rank: int = 0):
     """Read `(model state_dict, NeoXArgs)` of one tensor-parallel rank without DeepSpeed."""
     from megatron.neox_args import NeoXArgs
 
     tag = tag or read_latest_tag(load_dir)
-    states = torch_load(model_states_path(load_dir, tag, tp_rank), "model weights")
+    path = model_states_path(load_dir, tag, tp_rank)
+    if not os.path.isfile(path) and zero3_model_states_paths(load_dir, tag, tp_rank):
+        raise CheckpointError(zero3_consolidation_message(load_dir, tag, tp_rank))
+    states = torch_load(path, "model weights")
     config_path = os.path.join(load_dir, tag, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path} is missing: this checkpoint does not carry its config.")

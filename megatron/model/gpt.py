@@ -192,7 +192,11 @@ class GPTModel(nn.Module):
 
     @property
     def output_weight(self) -> nn.Parameter:
-        """The output projection `[padded_vocab/tp, h]`: the embedding weight when tied."""
+        """The output projection `[padded_vocab/tp, h]`: the embedding weight when tied.
+
+        The loss reads it outside its owning module's forward. Under ZeRO-3, where it is partitioned, the
+        DeepSpeed engine gathers it on this access and registers it as an external parameter of this model
+        (automatic discovery in the engine's forward); tests/e2e/test_zero_e2e.py checks the losses."""
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
     def _output_input(self, x: torch.Tensor) -> torch.Tensor:
