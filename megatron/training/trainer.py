@@ -42,7 +42,7 @@ class Trainer:
                  sum_sequence_parallel_grads_per_step: bool = False):
         self.args = args
         self.engine = engine
-        self.model = model  # the GPTModel inside the engine (for .loss)
+        self.model = model  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
         self.parallel = parallel
         self.train_iter, self.valid_iter, self.test_iter = iterators
         self.logger = logger
@@ -53,10 +53,9 @@ class Trainer:
         self.global_batch = args.derived.train_batch_size
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         self._loss_count = 0
-        self._skipped = 0
         self._fp32_grad_norm = None
-        # Under SP with ZeRO stage 0 the norm/bias grads are summed over the tensor group once per step
-        # here; with ZeRO >= 1 tensor hooks registered at build time do it (see megatron/mpu/grads.py).
+        # Under SP, in fp32 at ZeRO stage 0, the norm/bias grads are summed over the tensor group once per
+        # step here; otherwise tensor hooks registered at build time do it (see megatron/mpu/grads.py).
         self.sum_sequence_parallel_grads_per_step = sum_sequence_parallel_grads_per_step
 
     # ----------------------------------------------------------------------------------------------------
@@ -82,8 +81,6 @@ class Trainer:
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             self._loss_sum += loss.detach().float()
             self._loss_count += 1
-        if hasattr(self.engine, "was_step_skipped") and self.engine.was_step_skipped():
-            self._skipped += 1
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.global_batch
 
@@ -111,7 +108,7 @@ class Trainer:
             "loss": loss,
             "lr": self.engine.get_lr()[0],
             "grad_norm": self._grad_norm(),
-            "skipped_steps": self._skipped,
+            "skipped_steps": self.engine.skipped_steps,  # fp16 loss-scale overflows (DeepSpeed's count)
             "consumed_samples": self.progress.consumed_train_samples,
         }
         record.update(self.meter.update(self.progress.iteration, step_seconds))
