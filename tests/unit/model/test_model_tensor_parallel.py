@@ -72,25 +72,18 @@ def _check_model(state, overrides):
         torch.testing.assert_close(p.grad, expected, atol=TOL, rtol=1e-4, msg=name)
 
 
-def _tp2(rank, world_size):
+def _check_all(rank, world_size, configs):
+    """On a tensor group of all `world_size` ranks, with and without SP, every config."""
     for sequence_parallel in (False, True):
-        state = mpu.initialize_model_parallel(2, sequence_parallel=sequence_parallel)
-        for overrides in CONFIGS.values():
-            _check_model(state, overrides)
-    return "ok"
-
-
-def _tp4(rank, world_size):
-    for sequence_parallel in (False, True):
-        state = mpu.initialize_model_parallel(4, sequence_parallel=sequence_parallel)
-        for overrides in CONFIGS_TP4.values():
+        state = mpu.initialize_model_parallel(world_size, sequence_parallel=sequence_parallel)
+        for overrides in configs.values():
             _check_model(state, overrides)
     return "ok"
 
 
 def test_tensor_and_sequence_parallel_match_single_process():
-    assert run_distributed(_tp2, 2, timeout=180) == ["ok", "ok"]
+    assert run_distributed(_check_all, 2, CONFIGS, timeout=180) == ["ok", "ok"]
 
 
 def test_tensor_parallel_4_matches_single_process():
-    assert run_distributed(_tp4, 4, timeout=300) == ["ok"] * 4
+    assert run_distributed(_check_all, 4, CONFIGS_TP4, timeout=300) == ["ok"] * 4
