@@ -1,6 +1,7 @@
 """The on-disk layout of a checkpoint directory, and reading it without DeepSpeed.
 
     <save>/latest                              text: the tag of the newest COMPLETE checkpoint
+    <save>/global_step<N>.partial/             a save in progress; renamed to global_step<N> when complete
     <save>/global_step<N>/                     one tag per save
         mp_rank_<tp:02d>_model_states.pt       DeepSpeed: {"module": state_dict, "client_state"..., ...}
                                                (ZeRO-3: zero_pp_rank_<dp>_mp_rank_<tp:02d>_model_states.pt,
@@ -25,6 +26,8 @@ import torch
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 COMPLETE_MARKER = "complete"
 CONFIG_FILE = "neox_args.json"
+PARTIAL_SUFFIX = ".partial"  # a save in progress (or interrupted): never loaded
+REPLACED_SUFFIX = ".replaced"  # a complete checkpoint of the same step, moved aside while its successor lands
 
 
 class CheckpointError(RuntimeError):
@@ -80,6 +83,8 @@ def read_latest_tag(load_dir: str) -> str:
                               f"checkpoint. Point `load` at a directory written by `save`.")
     with open(latest) as handle:
         tag = handle.read().strip()
+    if not os.path.isdir(os.path.join(load_dir, tag)) and is_complete(load_dir, tag + REPLACED_SUFFIX):
+        return tag + REPLACED_SUFFIX  # a crash between the two renames of a save: the old copy is whole
     if not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(f"load: {latest} names checkpoint {tag!r}, but {os.path.join(load_dir, tag)} "
                               f"is missing. Write the tag of an existing checkpoint into {latest}.")

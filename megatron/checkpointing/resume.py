@@ -23,6 +23,8 @@ import torch.distributed as dist
 from megatron.checkpointing.layout import (
     COMPLETE_MARKER,
     CONFIG_FILE,
+    PARTIAL_SUFFIX,
+    REPLACED_SUFFIX,
     TAG_PATTERN,
     CheckpointError,
     complete_tags,
@@ -78,26 +80,37 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(engine, args, progress: TrainProgress) -> str:
-    """Save the run at `progress.iteration` into `args.checkpoint.save`; returns the tag."""
+    """Save the run at `progress.iteration` into `args.checkpoint.save`; returns the tag.
+
+    Every rank writes into `<tag>.partial`; only when all are done does rank 0 mark it complete, move it
+    to `<tag>` (a complete checkpoint already there, from an earlier run at the same step, is first moved
+    aside to `<tag>.replaced` and deleted last) and switch `latest`. A crash at any point leaves the
+    previous complete checkpoints as they were.
+    """
     save_dir = args.checkpoint.save
     tag = tag_for_iteration(progress.iteration)
+    partial, final = os.path.join(save_dir, tag + PARTIAL_SUFFIX), os.path.join(save_dir, tag)
     rank = _rank()
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        stale = os.path.join(save_dir, tag)
-        if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, COMPLETE_MARKER)):
-            shutil.rmtree(stale)  # a partial save of this same step from an interrupted run
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save of this same step
     _barrier()
     client_state = {"progress": asdict(progress)}
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_states(), rng_state_path(save_dir, tag, rank))
+    engine.save_checkpoint(save_dir, tag=tag + PARTIAL_SUFFIX, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_states(), rng_state_path(save_dir, tag + PARTIAL_SUFFIX, rank))
     _barrier()
     if rank == 0:
-        with open(os.path.join(save_dir, tag, CONFIG_FILE), "w") as handle:
+        with open(os.path.join(partial, CONFIG_FILE), "w") as handle:
             handle.write(args.serialize())
-        with open(os.path.join(save_dir, tag, COMPLETE_MARKER), "w") as handle:
+        with open(os.path.join(partial, COMPLETE_MARKER), "w") as handle:
             handle.write(f"{progress.iteration}\n")
+        replaced = final + REPLACED_SUFFIX
+        if os.path.isdir(final):
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(partial, final)
         write_latest(save_dir, tag)
+        shutil.rmtree(replaced, ignore_errors=True)
         prune_checkpoints(save_dir, args.checkpoint.keep_last_n_checkpoints)
     _barrier()
     return tag
@@ -109,7 +122,7 @@ def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
     newest_step = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1
     doomed = complete[:-keep_last_n] if keep_last_n else []
     for name in os.listdir(save_dir):
-        match = TAG_PATTERN.match(name)
+        match = TAG_PATTERN.match(name.removesuffix(PARTIAL_SUFFIX).removesuffix(REPLACED_SUFFIX))
         if match and name not in complete and int(match.group(1)) < newest_step:
             doomed.append(name)
     for name in doomed:

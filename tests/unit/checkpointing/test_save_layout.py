@@ -56,11 +56,30 @@ def test_interrupted_save_keeps_previous_checkpoint(args):
         save_checkpoint(FakeEngine(fail=True), args, TrainProgress(iteration=4))
     assert read_latest_tag(save) == "global_step2"
     assert complete_tags(save) == ["global_step2"]
-    assert os.path.isdir(os.path.join(save, "global_step4"))  # partial, never pointed at
+    assert os.path.isdir(os.path.join(save, "global_step4.partial"))  # never pointed at
+    assert not os.path.exists(os.path.join(save, "global_step4"))
     # the next good save prunes the stale partial directory
     save_checkpoint(FakeEngine(), args, TrainProgress(iteration=6))
-    assert not os.path.exists(os.path.join(save, "global_step4"))
+    assert not os.path.exists(os.path.join(save, "global_step4.partial"))
     assert read_latest_tag(save) == "global_step6"
+
+
+def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_complete(args):
+    """A second run saving the same step into the same directory (or a resume from an older tag)."""
+    save = args.checkpoint.save
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=5, consumed_train_samples=5))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeEngine(fail=True), args, TrainProgress(iteration=5, consumed_train_samples=99))
+    assert read_latest_tag(save) == "global_step5"
+    state = torch.load(os.path.join(save, "global_step5", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert state["progress"]["consumed_train_samples"] == 5  # the old, complete copy is untouched
+    save_checkpoint(FakeEngine(), args, TrainProgress(iteration=5, consumed_train_samples=7))
+    state = torch.load(os.path.join(save, "global_step5", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert state["progress"]["consumed_train_samples"] == 7
+    assert sorted(os.listdir(save)) == ["global_step5", "latest"]
+    # a crash between moving the old copy aside and moving the new one in: the old copy still loads
+    os.rename(os.path.join(save, "global_step5"), os.path.join(save, "global_step5.replaced"))
+    assert read_latest_tag(save) == "global_step5.replaced"
 
 
 def test_keep_last_n(args):
