@@ -137,6 +137,12 @@ def _check_compatible(saved_args, args, path: str) -> None:
                   "use_bias_in_attn_linear", "use_bias_in_mlp", "gpt_j_residual"]
     diffs = [f"{key}: checkpoint {saved[key]!r}, config {current[key]!r}" for key in shape_keys
              if saved[key] != current[key]]
+    derived_keys = ["num_kv_heads", "intermediate_size", "padded_vocab_size"]
+    saved_derived, current_derived = asdict(saved_args.derived), asdict(args.derived)
+    diffs += [f"{key} (derived): checkpoint {saved_derived[key]!r}, config {current_derived[key]!r}"
+              for key in derived_keys if saved_derived[key] != current_derived[key]]
+    if saved_derived["padded_vocab_size"] != current_derived["padded_vocab_size"]:
+        diffs.append("  (the vocabulary comes from tokenizer_type/vocab_file and make_vocab_size_divisible_by)")
     if saved_args.parallel.model_parallel_size != args.parallel.model_parallel_size:
         diffs.append(f"model_parallel_size: checkpoint {saved_args.parallel.model_parallel_size}, config "
                      f"{args.parallel.model_parallel_size} (reshard with tools/ckpts first)")
@@ -166,7 +172,8 @@ def load_checkpoint(engine, args) -> TrainProgress:
     tag = read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
     with open(os.path.join(path, CONFIG_FILE)) as handle:
-        _check_compatible(NeoXArgs.from_serialized(handle.read()), args, path)
+        saved_args = NeoXArgs.from_serialized(handle.read())
+    _check_compatible(saved_args, args, path)
     finetune = args.checkpoint.finetune
     try:
         load_path, client_state = engine.load_checkpoint(
@@ -180,5 +187,17 @@ def load_checkpoint(engine, args) -> TrainProgress:
         raise CheckpointError(f"load: DeepSpeed found no checkpoint at {path}.")
     if finetune:
         return TrainProgress()
-    restore_rng_states(torch_load(rng_state_path(load_dir, tag, _rank()), "RNG states"))
+    _restore_rng_for_rank(load_dir, tag, saved_args.derived.world_size, args.derived.world_size)
     return TrainProgress(**client_state["progress"])
+
+
+def _restore_rng_for_rank(load_dir: str, tag: str, saved_world: int, world: int) -> None:
+    """Restore this rank's RNG states. A run resumed on more ranks than it was saved from has no states
+    for the new ranks: those keep their seeded states (the data position is restored all the same), so
+    dropout masks, not the data, differ from an uninterrupted run."""
+    path = rng_state_path(load_dir, tag, _rank())
+    if os.path.isfile(path) or saved_world == world:
+        restore_rng_states(torch_load(path, "RNG states"))
+    if saved_world != world and _rank() == 0:
+        print(f"load: resuming on {world} ranks from a checkpoint of {saved_world} ranks; the data position "
+              f"is exact, RNG states are restored only for ranks that existed", flush=True)

@@ -73,3 +73,18 @@ def test_corrupted_checkpoint_is_a_clear_error_and_keeps_the_files(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in (save / "global_step2").iterdir()) == before  # nothing deleted
     assert (save / "latest").read_text().strip() == "global_step2"
+
+
+def test_resume_on_more_ranks_keeps_the_global_batch_and_data_position(tmp_path):
+    """Saved from 1 rank (micro 4 x grad_acc 2), resumed on 2 ranks (micro 4 x 1): same global batch, same
+    samples, no dropout, so the losses continue as the 1-rank run's within fp32 reduction order (1e-5)."""
+    import pytest
+
+    one_rank = {"train_iters": 6, "gradient_accumulation_steps": 2}
+    full = losses(run_deepy(tmp_path, "full", one_rank))
+    save = str(tmp_path / "ckpt")
+    run_deepy(tmp_path, "first", {**one_rank, "train_iters": 3, "save": save, "checkpoint_factor": 3})
+    resumed = losses(run_deepy(tmp_path, "resumed", {"train_iters": 6, "num_gpus": 2, "load": save}))
+    assert sorted(resumed) == [4, 5, 6]
+    for it in resumed:
+        assert resumed[it] == pytest.approx(full[it], rel=1e-5), (it, resumed[it], full[it])

@@ -107,3 +107,20 @@ def test_damaged_checkpoints_give_clear_errors(args, tmp_path):
         handle.write("global_step5")
     with pytest.raises(CheckpointError, match="incomplete"):
         read_latest_tag(save)
+
+
+def test_resume_into_another_shape_or_vocabulary_names_the_keys(args):
+    from megatron.checkpointing.resume import _check_compatible
+
+    saved = NeoXArgs.from_dict(dict(CONFIG), world_size=1)
+    saved.set_vocab_size(257)
+    current = NeoXArgs.from_dict(dict(CONFIG, hidden_size=32, make_vocab_size_divisible_by=64), world_size=1)
+    current.set_vocab_size(257)
+    with pytest.raises(CheckpointError) as err:
+        _check_compatible(saved, current, "ckpt/global_step5")
+    message = str(err.value)
+    assert "hidden_size: checkpoint 16, config 32" in message
+    assert "padded_vocab_size (derived): checkpoint 384, config 320" in message
+    same = NeoXArgs.from_dict(dict(CONFIG), world_size=1)
+    same.set_vocab_size(257)
+    _check_compatible(saved, same, "ckpt/global_step5")  # no error
