@@ -1,8 +1,9 @@
 """Build everything a run needs, in order, from the resolved NeoXArgs (called by train.py on every rank).
 
     distributed (nccl on GPU, gloo on CPU) -> parallel groups -> seeds -> tokenizer (vocab size)
-    -> data (bundled corpus built on first use) -> model -> optimizer + LR schedule
+    -> model -> optimizer + LR schedule
     -> deepspeed.initialize -> resume -> data iterators at the resumed position -> logger, meter
+(the data loader builds the bundled corpus on first use when the config names it)
 """
 
 from __future__ import annotations
@@ -23,18 +24,6 @@ def init_distributed() -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     return "cuda" if use_cuda else "cpu"
-
-
-def prepare_bundled_data(data_args) -> None:
-    """Build the bundled corpus once per node when the config points at it (others wait)."""
-    from megatron.data.bundled import ensure_bundled_data, is_bundled_prefix
-
-    prefixes = [data_args.data_path] if data_args.data_path else []
-    for paths in (data_args.train_data_paths, data_args.valid_data_paths, data_args.test_data_paths):
-        prefixes += list(paths or [])
-    for prefix in prefixes:
-        if is_bundled_prefix(prefix):
-            ensure_bundled_data(prefix)
 
 
 def build_engine(args, model, device_type: str, parallel):
@@ -100,7 +89,6 @@ def build_and_train(args) -> dict:
     device_type, parallel = init_parallel(args)
     tokenizer = build_tokenizer(args.tokenizer)
     args.set_vocab_size(tokenizer.vocab_size)
-    prepare_bundled_data(args.data)
 
     model, sum_sp_grads_per_step = build_model(args, parallel)
     engine = build_engine(args, model, device_type, parallel)
