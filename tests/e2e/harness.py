@@ -6,6 +6,7 @@ changes only what it tests. Runs log every iteration so that losses can be compa
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -64,6 +65,8 @@ def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600, base: di
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, f"deepy.py failed ({proc.returncode}) for {name}:\n{output}"
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{config['master_port']}_*")
+    assert not leaked, f"the run left DeepSpeed's CPU all-reduce segments in /dev/shm: {leaked}"
     return read_metrics(config["log_dir"], "train")
 
 
