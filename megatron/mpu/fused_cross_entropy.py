@@ -3,15 +3,15 @@
 The plain path computes logits Z = H W^T `[N, V/p]` for all N tokens, then the loss; it keeps Z (and, in
 fp32, several copies of it) alive until backward. Here the tokens are processed `chunk_size` rows at a time
 and the gradients are computed in the same pass, so no `[N, V/p]` tensor ever exists: the peak extra memory
-is about `chunk_size * V/p * (4 + 2)` bytes for bf16 inputs (the chunk's fp32 logits plus their copy in the
-input dtype), plus the saved gradients `[N, h]` (input dtype) and `[V/p, h]` (fp32).
+is about `chunk_size * V/p * 4` bytes for bf16 inputs on CUDA (the chunk's logits and their gradient, both
+bf16; the fp32 softmax math is fused into two compiled kernels and never stored), plus the saved gradients `[N, h]` (input dtype) and `[V/p, h]` (fp32).
 
 Notation: p = tensor-parallel size, rank r holds W_r = W[r*V/p : (r+1)*V/p] `[V/p, h]`; H `[N, h]` is
 REPLICATED on every rank (the caller applies `copy_to_tensor_parallel_region`, or under sequence
 parallelism `gather_from_sequence_parallel_region`, exactly as `ColumnParallelLinear` does); t `[N]` are
 global vocabulary ids; a `[N]` are fixed per-token weights (for a masked mean: loss_mask / sum(loss_mask)).
 
-Forward, for each chunk of rows, with z = H_c W_r^T computed in the input dtype and then held in fp32:
+Forward, for each chunk of rows, with z = H_c W_r^T computed in the input dtype and read as fp32:
 
     m_i   = max_v z_iv                      (local max, all-reduce MAX)
     S_i   = sum_v exp(z_iv - m_i)           (local sum, all-reduce SUM)
@@ -45,6 +45,47 @@ import torch.nn.functional as F
 from .mappings import all_reduce, group_rank
 
 
+def _softmax_stats(z: torch.Tensor, m: torch.Tensor, local_t: torch.Tensor, outside: torch.Tensor):
+    """z [c, V/p] (any float dtype), m [c] global row max (fp32), local_t [c, 1], outside [c] ->
+    (sum_v exp(z_iv - m_i) [c], the target's raw logit z_it [c] (0 where another rank owns it)), fp32."""
+    zf = z.float()
+    sum_exp = torch.exp(zf - m.unsqueeze(-1)).sum(dim=-1)
+    z_t = zf.gather(-1, local_t).squeeze(-1).masked_fill(outside, 0.0)
+    return sum_exp, z_t
+
+
+def _softmax_grad(z: torch.Tensor, m: torch.Tensor, scale: torch.Tensor, local_t: torch.Tensor,
+                  target_weight: torch.Tensor) -> torch.Tensor:
+    """G = scale_i * exp(z_iv - m_i) + [v == t_i] * target_weight_i, in z's dtype; [c, V/p].
+
+    With scale = a / S and target_weight = -a (0 where another rank owns the target) this is
+    a_i (softmax_iv - onehot_iv), the gradient of the weighted loss with respect to the logits."""
+    zf = z.float()
+    columns = torch.arange(z.shape[-1], device=z.device)
+    g = torch.exp(zf - m.unsqueeze(-1)) * scale.unsqueeze(-1)
+    g = g + torch.where(columns == local_t, target_weight.unsqueeze(-1), 0.0)
+    return g.to(z.dtype)
+
+
+_COMPILED_KERNELS = None
+
+
+def _chunk_kernels(device: torch.device):
+    """The per-chunk elementwise work, as (stats, grad) functions.
+
+    On CUDA they are compiled (torch.compile, Triton): each reads the chunk's logits in their own dtype
+    once and keeps the fp32 values in registers, where the eager ops would write and re-read several
+    fp32 `[c, V/p]` tensors (measured on an H100 at 16k tokens x 50k vocab: ~12 ms of a 132 ms step).
+    Elsewhere (CPU tests, fp32) they run eagerly; the math is the same."""
+    global _COMPILED_KERNELS
+    if device.type != "cuda":
+        return _softmax_stats, _softmax_grad
+    if _COMPILED_KERNELS is None:
+        _COMPILED_KERNELS = (torch.compile(_softmax_stats, fullgraph=True),
+                             torch.compile(_softmax_grad, fullgraph=True))
+    return _COMPILED_KERNELS
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
@@ -60,26 +101,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         token_weights = token_weights.to(torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
 
+        stats_fn, grad_fn = _chunk_kernels(hidden.device)
         for lo in range(0, n, chunk_size):
             hi = min(lo + chunk_size, n)
             h_c, t_c, a_c = hidden[lo:hi], target[lo:hi], token_weights[lo:hi]
-            z = F.linear(h_c, weight).float()                                   # [c, V/p] fp32
-            local_max = z.max(dim=-1).values                                    # [c]
-            m = all_reduce(local_max, group, op=dist.ReduceOp.MAX)              # [c]
+            z = F.linear(h_c, weight)                                           # [c, V/p] input dtype
+            m = all_reduce(z.amax(dim=-1).float(), group, op=dist.ReduceOp.MAX)  # [c] (exact in bf16)
 
             outside = (t_c < start) | (t_c >= start + vocab_per_rank)           # [c]
             local_t = (t_c - start).masked_fill(outside, 0).unsqueeze(-1)       # [c, 1]
-            z_t = z.gather(-1, local_t).squeeze(-1).masked_fill(outside, 0.0)   # [c] raw target logit
-
-            z.sub_(m.unsqueeze(-1)).exp_()                                      # exp(z - m), in place
-            stats = all_reduce(torch.stack([z.sum(dim=-1), z_t]), group)        # [2, c]
+            sum_exp, z_t = stats_fn(z, m, local_t, outside)                     # [c], [c] fp32
+            stats = all_reduce(torch.stack([sum_exp, z_t]), group)              # [2, c]
             sum_exp, z_t = stats[0], stats[1]
             total += ((sum_exp.log() + m - z_t) * a_c).sum()
 
             if need_h or need_w:
-                z.mul_((a_c / sum_exp).unsqueeze(-1))                           # a_i * softmax
-                z.scatter_add_(-1, local_t, (-a_c).masked_fill(outside, 0.0).unsqueeze(-1))  # - a_i onehot
-                g = z.to(hidden.dtype)                                          # no copy in fp32
+                g = grad_fn(z, m, a_c / sum_exp, local_t, (-a_c).masked_fill(outside, 0.0))  # [c, V/p]
                 del z
                 if need_h:
                     torch.mm(g, weight, out=grad_h[lo:hi])                      # this rank's term of dL/dH

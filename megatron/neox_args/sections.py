@@ -108,8 +108,8 @@ class ModelArgs:
     plain logits followed by the vocab-parallel cross entropy (same loss and gradients, more memory)."""
 
     cross_entropy_chunk_size: int = 4096
-    """Tokens per chunk of the fused cross entropy; its extra memory is about chunk x vocab/tp x 6 bytes in bf16
-    (fp32 logits of one chunk plus their bf16 copy). Must be >= 1."""
+    """Tokens per chunk of the fused cross entropy; its extra memory is about chunk x vocab/tp x 4 bytes in bf16
+    on a GPU (one chunk's logits and their gradient). Must be >= 1."""
 
 
 @dataclass

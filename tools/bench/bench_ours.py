@@ -15,7 +15,7 @@ import os
 import torch
 
 from bench_config import describe_ours
-from bench_timing import find_host_syncs, measure, profile_steps
+from bench_timing import find_host_syncs, measure, phase_spans, profile_steps
 
 
 class NullLogger:
@@ -70,6 +70,7 @@ def run_ours(spec: dict, args) -> dict:
         result["host_syncs"] = find_host_syncs(trainer.train_step, spec["device"])
     if spec.get("profile"):
         result["profile"] = profile_steps(trainer.train_step, spec["device"])
+        result["phases_ms"] = phase_spans(trainer)
     result.update({
         "tokens_per_step": args.derived.train_batch_size * args.model.seq_length,
         "params": n_params,

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         overrides = parse_set(opts.overrides)
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
-    extra_steps = (1 if opts.sync_debug else 0) + (2 if opts.profile else 0)
+    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 if opts.profile else 0)  # profile: 2 traced + 5 phase-timed
     iterations = opts.warmup + opts.steps + extra_steps + 2
 
     runs: list[dict] = []
@@ -282,6 +282,12 @@ def main(argv=None) -> int:
     for run in runs:
         if run.get("profile"):
             print(f"\n--- profile: {run['size']} {label(run['impl'])} (2 steps) ---\n{run['profile']}")
+        if run.get("phases_ms"):
+            print(f"--- phases per micro-batch: {run['size']} {label(run['impl'])} (median of 5 steps; "
+                  f"GPU span vs host time to issue it) ---")
+            for phase, times in run["phases_ms"].items():
+                gpu = "-" if times["gpu_ms"] is None else f"{times['gpu_ms']:.2f}"
+                print(f"  {phase:9s} GPU {gpu:>8s} ms   host {times['host_ms']:8.2f} ms")
     print(render_text(meta, runs, baselines))
     if opts.markdown:
         print()

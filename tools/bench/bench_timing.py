@@ -110,6 +110,80 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
+class PhaseTimedEngine:
+    """Stands in for a DeepSpeed engine and times its three calls per micro-batch.
+
+    Around `engine(...)` (forward), `engine.backward(loss)` and `engine.step()` it records a CUDA event and
+    the host clock. The event gaps are GPU-timeline spans (kernels plus any idle wait inside the phase);
+    the host gaps are how long Python took to issue the phase. A phase whose host time exceeds its GPU
+    span is host-bound: the GPU waits for launches there. Everything else is passed to the engine.
+    """
+
+    PHASES = ("forward", "backward", "step")
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._cuda = torch.cuda.is_available()
+        self._marks: list = []  # (name, cuda event or None, host seconds), in call order
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def _mark(self, name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True) if self._cuda else None
+        if event is not None:
+            event.record()
+        self._marks.append((name, event, time.perf_counter()))
+
+    def __call__(self, *args, **kwargs):
+        self._mark("forward")
+        out = self._engine(*args, **kwargs)
+        self._mark("backward")
+        return out
+
+    def backward(self, *args, **kwargs):
+        out = self._engine.backward(*args, **kwargs)
+        self._mark("step")
+        return out
+
+    def step(self, *args, **kwargs):
+        out = self._engine.step(*args, **kwargs)
+        self._mark("end")
+        return out
+
+    def spans_ms(self) -> dict:
+        """{phase: {"gpu_ms": median (None without CUDA), "host_ms": median}} over the calls so far."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        gpu = {phase: [] for phase in self.PHASES}
+        host = {phase: [] for phase in self.PHASES}
+        for (name, event, clock), (_, next_event, next_clock) in zip(self._marks, self._marks[1:]):
+            if name in gpu:
+                gpu[name].append(event.elapsed_time(next_event) if event is not None else None)
+                host[name].append(1e3 * (next_clock - clock))
+        return {phase: {"gpu_ms": None if None in gpu[phase] else _median(gpu[phase]),
+                        "host_ms": _median(host[phase])}
+                for phase in self.PHASES if gpu[phase]}
+
+
+def _median(values: list) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def phase_spans(trainer, steps: int = 5) -> dict:
+    """Run `steps` more training steps with the trainer's engine behind a PhaseTimedEngine."""
+    timed = PhaseTimedEngine(trainer.engine)
+    trainer.engine = timed
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+        return timed.spans_ms()
+    finally:
+        trainer.engine = timed._engine
+
+
 def free_device_memory() -> None:
     """Collect garbage and return cached blocks to the device (between phases of one worker)."""
     gc.collect()

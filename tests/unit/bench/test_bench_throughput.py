@@ -27,7 +27,7 @@ def tiny_results(tmp_path_factory):
     out = tmp / "results.json"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--device", "cpu", "--sizes", "tiny", "--seq", "64", "--micro-batch", "2",
-         "--steps", "2", "--warmup", "1", "--baselines", "eager", "--out", str(out), "--markdown",
+         "--steps", "2", "--warmup", "1", "--baselines", "eager", "--out", str(out), "--markdown", "--profile",
          "--cache-dir", str(tmp / "cache")],
         cwd=ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,3 +68,12 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path):
     result = run_worker(spec, str(tmp_path), timeout=120)
     assert result["status"] == "FAILED"
     assert "num_layers" in result["error"]
+
+
+def test_profile_reports_phases_of_our_step(tiny_results):
+    """--profile adds the operator table and, for ours, the forward/backward/step spans per micro-batch."""
+    results, stdout = tiny_results
+    ours = next(run for run in results["runs"] if run["impl"] == "ours")
+    assert set(ours["phases_ms"]) == {"forward", "backward", "step"}
+    assert all(times["host_ms"] > 0 and times["gpu_ms"] is None for times in ours["phases_ms"].values())
+    assert "phases per micro-batch" in stdout and "--- profile:" in stdout

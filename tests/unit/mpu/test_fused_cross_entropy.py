@@ -122,3 +122,27 @@ def test_bad_inputs_are_errors():
         fused_linear_cross_entropy(hidden, weight, target[:-1], mask, None, 8)
     with pytest.raises(ValueError, match="dtype"):
         fused_linear_cross_entropy(hidden, weight.double(), target, mask, None, 8)
+
+
+def test_chunk_kernels_compile_to_one_graph_and_match_eager():
+    """On CUDA the per-chunk softmax statistics and gradient run as compiled kernels (fullgraph); here the
+    same functions are compiled for the CPU and must agree with eager execution (bf16 logits, fp32 math)."""
+    from megatron.mpu.fused_cross_entropy import _softmax_grad, _softmax_stats
+
+    torch.manual_seed(0)
+    c, v = 16, 96
+    z = torch.randn(c, v).bfloat16()
+    m = z.amax(-1).float()
+    local_t = torch.randint(0, v, (c, 1))
+    outside = torch.rand(c) < 0.3
+    scale = torch.rand(c)
+    target_weight = (-torch.rand(c)).masked_fill(outside, 0.0)
+    eager = _softmax_stats(z, m, local_t, outside) + (_softmax_grad(z, m, scale, local_t, target_weight),)
+    compiled = (torch.compile(_softmax_stats, fullgraph=True)(z, m, local_t, outside)
+                + (torch.compile(_softmax_grad, fullgraph=True)(z, m, scale, local_t, target_weight),))
+    for got, want in zip(compiled, eager):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-6)
+    assert eager[1][outside].abs().max() == 0  # the target logit comes only from the owning rank
+    expected_grad = (torch.exp(z.float() - m[:, None]) * scale[:, None]).scatter_add(1, local_t, target_weight[:, None])
+    torch.testing.assert_close(eager[2].float(), expected_grad.bfloat16().float())
