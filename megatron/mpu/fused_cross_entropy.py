@@ -36,6 +36,7 @@ gradient flows back to whichever Parameter is passed as `weight`, through autogr
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,6 +68,27 @@ def _softmax_grad(z: torch.Tensor, m: torch.Tensor, scale: torch.Tensor, local_t
     return g.to(z.dtype)
 
 
+class _CompiledWithEagerFallback:
+    """`torch.compile(fn, fullgraph=True)`, falling back to `fn` itself (same math, more memory traffic)
+    with one warning if compilation fails, e.g. on a GPU without a working Triton."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function is exact
+                warnings.warn(f"fused cross entropy: compiling {self.fn.__name__} failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}); running it eagerly")
+                self.compiled = None
+        return self.fn(*args)
+
+
 _COMPILED_KERNELS = None
 
 
@@ -75,14 +97,14 @@ def _chunk_kernels(device: torch.device):
 
     On CUDA they are compiled (torch.compile, Triton): each reads the chunk's logits in their own dtype
     once and keeps the fp32 values in registers, where the eager ops would write and re-read several
-    fp32 `[c, V/p]` tensors (measured on an H100 at 16k tokens x 50k vocab: ~12 ms of a 132 ms step).
-    Elsewhere (CPU tests, fp32) they run eagerly; the math is the same."""
+    fp32 `[c, V/p]` tensors (on an H100 at 16k tokens x 50k vocab those eager passes took ~12 ms of a
+    132 ms step: torch.profiler, docs/PERFORMANCE.md). Elsewhere (CPU tests, fp32) they run eagerly;
+    the math is the same."""
     global _COMPILED_KERNELS
     if device.type != "cuda":
         return _softmax_stats, _softmax_grad
     if _COMPILED_KERNELS is None:
-        _COMPILED_KERNELS = (torch.compile(_softmax_stats, fullgraph=True),
-                             torch.compile(_softmax_grad, fullgraph=True))
+        _COMPILED_KERNELS = (_CompiledWithEagerFallback(_softmax_stats), _CompiledWithEagerFallback(_softmax_grad))
     return _COMPILED_KERNELS
 
 

@@ -146,3 +146,20 @@ def test_chunk_kernels_compile_to_one_graph_and_match_eager():
     assert eager[1][outside].abs().max() == 0  # the target logit comes only from the owning rank
     expected_grad = (torch.exp(z.float() - m[:, None]) * scale[:, None]).scatter_add(1, local_t, target_weight[:, None])
     torch.testing.assert_close(eager[2].float(), expected_grad.bfloat16().float())
+
+
+def test_a_failing_compile_falls_back_to_the_eager_function_with_a_warning():
+    from megatron.mpu.fused_cross_entropy import _CompiledWithEagerFallback
+
+    def double(x):
+        return 2 * x
+
+    wrapped = _CompiledWithEagerFallback(double)
+
+    def broken(*args):
+        raise RuntimeError("triton not available")
+
+    wrapped.compiled = broken
+    with pytest.warns(UserWarning, match="compiling double failed .*triton not available.*running it eagerly"):
+        assert wrapped(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert wrapped.compiled is None and wrapped(torch.ones(1)).tolist() == [2.0]
