@@ -129,6 +129,33 @@ def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
+def deepspeed_optimizer_kind(args) -> str:
+    """Which DeepSpeed optimizer wrapper holds the optimizer states for this config (DeepSpeed 0.19's choice in
+    `DeepSpeedEngine._do_optimizer_sanity_check`); checkpoints of different kinds have different layouts."""
+    stage = args.parallel.zero_optimization.get("stage", 0)
+    precision = args.derived.precision
+    accum = args.precision.data_types.get("grad_accum_dtype", precision)
+    if stage == 3:
+        return "ZeRO stage 3"
+    if stage in (1, 2):
+        if precision == "bf16" and accum == "fp32" and stage == 1:
+            return "BF16_Optimizer (bf16, fp32 gradient accumulation, ZeRO 1)"
+        return "ZeRO stage 1/2"
+    return "torch optimizer" if precision == "fp32" else f"FP16_Optimizer ({precision})"
+
+
+def _check_optimizer_layout(saved_args, args, path: str) -> None:
+    """Optimizer states load only into the same DeepSpeed optimizer wrapper and precision."""
+    saved_kind, kind = deepspeed_optimizer_kind(saved_args), deepspeed_optimizer_kind(args)
+    saved_precision, precision = saved_args.derived.precision, args.derived.precision
+    if saved_kind != kind or saved_precision != precision:
+        raise CheckpointError(
+            f"load: the optimizer states in {path} were written by DeepSpeed's {saved_kind} in {saved_precision}; "
+            f"this config uses {kind} in {precision} (set by bf16/fp16, data_types.grad_accum_dtype and "
+            f"zero_optimization.stage). Match those keys to the checkpoint's, or set finetune: true to load "
+            f"the weights only and start a new optimizer.")
+
+
 def _check_compatible(saved_args, args, path: str) -> None:
     """Refuse to load weights into a model of another shape, with a message naming the keys."""
     saved, current = asdict(saved_args.model), asdict(args.model)
@@ -175,6 +202,8 @@ def load_checkpoint(engine, args) -> TrainProgress:
         saved_args = NeoXArgs.from_serialized(handle.read())
     _check_compatible(saved_args, args, path)
     finetune = args.checkpoint.finetune
+    if not finetune:
+        _check_optimizer_layout(saved_args, args, path)
     try:
         load_path, client_state = engine.load_checkpoint(
             load_dir, tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune,

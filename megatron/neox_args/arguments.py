@@ -149,7 +149,7 @@ class NeoXArgs:
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config: batch sizes, clipping, bf16/fp16, ZeRO. No optimizer/scheduler blocks:
         we build those ourselves and pass them to deepspeed.initialize."""
-        return {
+        config = {
             "train_batch_size": self.derived.train_batch_size,
             "train_micro_batch_size_per_gpu": self.derived.train_micro_batch_size_per_gpu,
             "gradient_accumulation_steps": self.derived.gradient_accumulation_steps,
@@ -160,6 +160,9 @@ class NeoXArgs:
             "steps_per_print": STEPS_PER_PRINT,
             "wall_clock_breakdown": False,
         }
+        if self.precision.data_types:
+            config["data_types"] = copy.deepcopy(self.precision.data_types)
+        return config
 
     def set_vocab_size(self, vocab_size: int) -> None:
         """Record the tokenizer's vocabulary size and its padded size (a multiple of

@@ -237,6 +237,12 @@ class PrecisionArgs:
     fp16: dict = field(default_factory=lambda: {"enabled": False})
     """DeepSpeed fp16 block with loss scaling, e.g. {enabled: true, loss_scale: 0, initial_scale_power: 16}."""
 
+    data_types: dict = field(default_factory=dict)
+    """DeepSpeed data_types block: {grad_accum_dtype: fp32} accumulates bf16/fp16 gradients in fp32 (DeepSpeed's
+    BF16_Optimizer at ZeRO stage 1, as Megatron-DeepSpeed runs). Without it DeepSpeed accumulates them in the
+    model dtype, which loses precision over many micro-batches. fp32 accumulation of bf16/fp16 gradients
+    needs ZeRO stage >= 1 (DeepSpeed 0.19 does not implement it at stage 0)."""
+
 
 @dataclass
 class TrainingArgs:

@@ -144,6 +144,34 @@ def _check_precision(args: Any, sources: Mapping[str, str]) -> None:
         raise fail(sources, "bf16 and fp16 are both enabled {where}; choose one: set `enabled: false` in the "
                             "other block (bf16 needs no loss scaling and is preferred on Ampere or newer).",
                    "bf16", "fp16")
+    _check_grad_accum_dtype(args, sources)
+
+
+GRAD_ACCUM_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _check_grad_accum_dtype(args: Any, sources: Mapping[str, str]) -> None:
+    data_types = args.precision.data_types
+    unknown = sorted(set(data_types) - {"grad_accum_dtype"})
+    if unknown:
+        raise fail(sources, f"data_types: unknown key(s) {unknown} {{where}}; the block takes grad_accum_dtype "
+                            f"(one of {', '.join(GRAD_ACCUM_DTYPES)}).", "data_types")
+    accum = data_types.get("grad_accum_dtype")
+    if accum is None:
+        return
+    if accum not in GRAD_ACCUM_DTYPES:
+        raise fail(sources, f"data_types.grad_accum_dtype: {accum!r} must be one of {', '.join(GRAD_ACCUM_DTYPES)} "
+                            f"{{where}}.", "data_types")
+    model_dtype = ("bf16" if args.precision.bf16.get("enabled") else
+                   "fp16" if args.precision.fp16.get("enabled") else "fp32")
+    stage = args.parallel.zero_optimization.get("stage", 0)
+    if accum != model_dtype and stage == 0:
+        raise fail(sources, f"data_types.grad_accum_dtype: {accum} with {model_dtype} weights needs ZeRO stage >= 1 "
+                            f"{{where}} (DeepSpeed implements no such mix at zero_optimization.stage 0); set "
+                            f"zero_optimization.stage: 1, or drop grad_accum_dtype.", "data_types", "zero_optimization")
+    if model_dtype == "fp32" and accum != "fp32":
+        raise fail(sources, f"data_types.grad_accum_dtype: {accum} with fp32 weights {{where}} would round the "
+                            f"gradients; use fp32 (or drop the key).", "data_types")
 
 
 def _check_optimizer_and_schedule(args: Any, sources: Mapping[str, str]) -> None:

@@ -124,3 +124,22 @@ def test_resume_into_another_shape_or_vocabulary_names_the_keys(args):
     same = NeoXArgs.from_dict(dict(CONFIG), world_size=1)
     same.set_vocab_size(257)
     _check_compatible(saved, same, "ckpt/global_step5")  # no error
+
+
+def test_resume_with_another_optimizer_layout_names_the_keys_and_finetune():
+    from megatron.checkpointing.resume import _check_optimizer_layout
+
+    bf16_zero1 = dict(CONFIG, bf16={"enabled": True}, zero_optimization={"stage": 1})
+    saved = NeoXArgs.from_dict(dict(bf16_zero1, data_types={"grad_accum_dtype": "fp32"}), world_size=1)
+    for other in (bf16_zero1, dict(CONFIG, zero_optimization={"stage": 1}),
+                  dict(bf16_zero1, zero_optimization={"stage": 3}, data_types={"grad_accum_dtype": "fp32"})):
+        with pytest.raises(CheckpointError) as err:
+            _check_optimizer_layout(saved, NeoXArgs.from_dict(other, world_size=1), "ckpt/global_step5")
+        message = str(err.value)
+        assert "BF16_Optimizer" in message and "data_types.grad_accum_dtype" in message
+        assert "finetune: true" in message
+    same = NeoXArgs.from_dict(dict(bf16_zero1, data_types={"grad_accum_dtype": "fp32"}), world_size=1)
+    _check_optimizer_layout(saved, same, "ckpt/global_step5")  # no error
+    zero1 = NeoXArgs.from_dict(dict(CONFIG, zero_optimization={"stage": 1}), world_size=1)
+    zero2 = NeoXArgs.from_dict(dict(CONFIG, zero_optimization={"stage": 2}), world_size=1)
+    _check_optimizer_layout(zero1, zero2, "ckpt/global_step5")  # one DeepSpeed optimizer class

@@ -36,6 +36,12 @@ CASES = [
     ({"zero_optimization": {"stage": True}}, 1, ["zero_optimization.stage: True"]),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 1, ["bf16 and fp16 are both enabled", "choose one"]),
     ({"bf16": {"enabled": "yes"}}, 1, ["bf16.enabled: 'yes'"]),
+    ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}, 1,
+     ["data_types.grad_accum_dtype: fp32 with bf16 weights needs ZeRO stage >= 1", "zero_optimization.stage: 1"]),
+    ({"data_types": {"grad_accum_dtype": "fp64"}}, 1, ["data_types.grad_accum_dtype: 'fp64'", "fp32, bf16, fp16"]),
+    ({"data_types": {"grad_acc_dtype": "fp32"}}, 1, ["data_types: unknown key(s) ['grad_acc_dtype']"]),
+    ({"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"stage": 1}}, 1,
+     ["grad_accum_dtype: bf16 with fp32 weights"]),
     ({"betas": [0.9]}, 1, ["betas: [0.9]", "two numbers"]),
     ({"hidden_dropout": 1.0}, 1, ["hidden_dropout: 1.0"]),
     ({"num_layers": 0}, 1, ["num_layers: 0", "positive integer"]),
@@ -64,6 +70,14 @@ def test_error_names_the_file_of_each_key(write_yaml):
     with pytest.raises(ConfigError) as err:
         NeoXArgs.from_ymls([a, b], world_size=1)
     assert f"hidden_size from {a}" in str(err.value) and f"num_attention_heads from {b}" in str(err.value)
+
+
+def test_grad_accum_dtype_reaches_the_deepspeed_config_only_when_set(minimal):
+    plain = NeoXArgs.from_dict({**minimal, "bf16": {"enabled": True}}, world_size=1)
+    assert "data_types" not in plain.deepspeed_config()
+    fp32_accum = NeoXArgs.from_dict({**minimal, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                                     "data_types": {"grad_accum_dtype": "fp32"}}, world_size=1)
+    assert fp32_accum.deepspeed_config()["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
 def test_valid_edge_cases(minimal):
