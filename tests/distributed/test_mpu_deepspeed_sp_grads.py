@@ -16,13 +16,14 @@ class _MarkedAndPlain(nn.Module):
         super().__init__()
         self.marked = nn.Parameter(torch.zeros(4))
         self.plain = nn.Parameter(torch.zeros(4))
+        self.plain.tensor_model_parallel = True  # a per-rank shard (DeepSpeed's grad norm counts it on every rank)
         mpu.mark_sequence_parallel_param(self.marked)
 
     def forward(self, c):
         return (self.marked * c).sum() + (self.plain * c).sum()
 
 
-def _train_one_step(state, zero_stage, mode, contributions, rank, bf16=False):
+def _train_one_step(state, zero_stage, mode, contributions, rank, bf16=False, fp32_accum=False):
     import deepspeed
 
     module = _MarkedAndPlain()
@@ -31,6 +32,8 @@ def _train_one_step(state, zero_stage, mode, contributions, rank, bf16=False):
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
               "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "bf16": {"enabled": bf16}}
+    if fp32_accum:  # bf16 weights, fp32 gradient buffers: DeepSpeed's BF16_Optimizer at ZeRO 1
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
                                       config=config, mpu=state.deepspeed_mpu())
     for k in range(2):
@@ -66,6 +69,14 @@ def _check(rank, world_size):
     module = _train_one_step(state, 0, "hooks", bf16_contributions, rank, bf16=True)
     torch.testing.assert_close(module.marked.detach().float(), -bf16_contributions.sum((0, 1)) / 2,
                                rtol=0, atol=2e-2, msg="marked param, ZeRO 0, bf16, hooks")
+    # bf16 with fp32 gradient accumulation at ZeRO 1 (the shipped configs' setup): the hooks sum each
+    # micro-batch's grad before BF16_Optimizer copies it into its fp32 buffer
+    assert grad_sync_mode(1, "bf16") == "hooks"
+    module = _train_one_step(state, 1, "hooks", bf16_contributions, rank, bf16=True, fp32_accum=True)
+    torch.testing.assert_close(module.marked.detach().float(), -bf16_contributions.sum((0, 1)) / 2,
+                               rtol=0, atol=2e-2, msg="marked param, ZeRO 1, bf16 + fp32 accumulation, hooks")
+    torch.testing.assert_close(module.plain.detach().float(), -bf16_contributions[rank].sum(0) / 2,
+                               rtol=0, atol=2e-2, msg="plain param, ZeRO 1, bf16 + fp32 accumulation, hooks")
     try:
         _train_one_step(state, 1, "once_per_step", contributions, rank)
     except RuntimeError as exc:
