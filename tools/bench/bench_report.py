@@ -14,8 +14,10 @@ FLOPS_FORMULA = ("FLOPs/token = 6*N + 12*L*h*s  (N = non-embedding parameters in
                  "L layers, h hidden, s seq; Megatron/PaLM accounting, activation recompute not counted)")
 
 
-def label(impl: str) -> str:
-    return IMPL_LABELS.get(impl, impl)
+def label(impl: str, variant: Optional[str] = None) -> str:
+    """The row name: the implementation, and for ours the `--variant` name when there are several."""
+    name = IMPL_LABELS.get(impl, impl)
+    return f"{name} [{variant}]" if variant else name
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -25,11 +27,11 @@ def _num(value: Optional[float], fmt: str) -> str:
 def row_cells(run: dict, baselines: Sequence[str]) -> list[str]:
     """The table cells of one run; a run that did not finish shows its status in place of numbers."""
     if run.get("status") != "ok":
-        return [label(run["impl"]), run.get("status", "FAILED")] + ["-"] * (5 + len(baselines)) + \
+        return [label(run["impl"], run.get("variant")), run.get("status", "FAILED")] + ["-"] * (5 + len(baselines)) + \
             [run.get("error", "")[:60]]
     mfu = run.get("mfu")
     cells = [
-        label(run["impl"]),
+        label(run["impl"], run.get("variant")),
         _num(run["tokens_per_s"], ",.0f"),
         _num(run["tflops"], ".1f" if run["tflops"] >= 1 else ".3f"),
         "n/a" if mfu is None else f"{100 * mfu:.1f}%",
@@ -96,7 +98,7 @@ def render_text(meta: dict, runs: list[dict], baselines: Sequence[str]) -> str:
         parts.append(text_table([row_cells(r, baselines) for r in size_runs], headers(baselines)))
         for run in size_runs:
             for sync in run.get("host_syncs") or []:
-                parts.append(f"  host sync in {label(run['impl'])} x{sync['count']}: "
+                parts.append(f"  host sync in {label(run['impl'], run.get('variant'))} x{sync['count']}: "
                              f"{' <- '.join(sync['where'])}")
     return "\n".join(parts)
 

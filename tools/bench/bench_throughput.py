@@ -3,7 +3,7 @@
 
     python tools/bench/bench_throughput.py --sizes 125M,410M,1.3B [--seq 2048] [--micro-batch 8] \\
         [--steps 20] [--warmup 5] [--baselines eager,compiled] [--out results.json] [--markdown] \\
-        [--device cuda|cpu] [--set key=value ...] [--sync-debug]
+        [--device cuda|cpu] [--set key=value ...] [--variant "name: key=value ..." ...] [--sync-debug] [--profile]
 
 Each (size, implementation) runs in a fresh worker process of this script (`--worker-spec`), one after
 the other: DeepSpeed and torch.compile keep process-wide state, and a worker that runs out of memory
@@ -14,6 +14,8 @@ ratios, prints a table per size and writes `--out` (after every run, so partial 
 Implementations: "ours" (always), and the baselines "eager" / "compiled" (see bench_hf.py).
 `--set key=value` overrides any config key of our side (YAML scalars; dotted keys reach nested blocks,
 e.g. `--set zero_optimization.stage=0`); the baselines take only the model shape from the config.
+`--variant "name: key=value ..."` (repeatable) runs ours once per variant, its keys on top of `--set`, so
+that one command measures each optimization against the others and the baselines on the same machine.
 `--sync-debug` runs one more step per implementation under torch.cuda.set_sync_debug_mode and lists
 where the step waits for the GPU.
 """
@@ -24,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of our side (repeatable), e.g. --set torch_compile=true")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NAME: KEY=VALUE ..."',
+                        help="run ours once per variant (repeatable), each with these overrides on top of --set; "
+                             'e.g. --variant "base:" --variant "immediate: bf16.immediate_grad_update=true". '
+                             "All variants and the baselines share one run, so their ratios compare like with like")
     parser.add_argument("--sync-debug", action="store_true",
                         help="after timing, run one step with torch.cuda.set_sync_debug_mode and list host syncs")
     parser.add_argument("--profile", action="store_true",
@@ -79,6 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or args.seq < 1 or args.micro_batch < 1:
         parser.error("--steps >= 1, --warmup >= 0, --seq >= 1 and --micro-batch >= 1 are required")
     return args
+
+
+def parse_variants(items: list[str]) -> list[tuple[str | None, dict]]:
+    """`["base:", "imm: bf16.immediate_grad_update=true"]` -> [("base", {}), ("imm", {...})];
+    no --variant at all -> [(None, {})] (one unnamed run of ours)."""
+    if not items:
+        return [(None, {})]
+    variants = []
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name.strip()):
+            raise ValueError(f"--variant {item!r}: expected \"name: key=value ...\" with a name of letters, digits, "
+                             f"'_', '.', '-', e.g. --variant \"base:\"")
+        variants.append((name.strip(), parse_set(rest.split())))
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant names must differ, got {names}")
+    return variants
 
 
 def parse_baselines(text: str) -> list[str]:
@@ -100,7 +125,7 @@ def worker_main(spec: dict, result_file: str) -> int:
     from bench_timing import environment
     from megatron.training.metrics import default_peak_flops, flops_per_token
 
-    result = {"size": spec["size"], "impl": spec["impl"]}
+    result = {"size": spec["size"], "impl": spec["impl"], "variant": spec.get("variant")}
     try:
         if spec["device"] == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
@@ -173,7 +198,7 @@ def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
 
 def run_worker(spec: dict, cache_dir: str, timeout: int) -> dict:
     """Run one worker process to completion; returns its result (status FAILED/TIMEOUT if it died)."""
-    tag = f"{spec['size'].replace('/', '_')}_{spec['impl']}"
+    tag = f"{spec['size'].replace('/', '_')}_{spec['impl']}" + (f"_{spec['variant']}" if spec.get("variant") else "")
     log_path = os.path.join(cache_dir, "logs", f"{tag}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     result_file = os.path.join(cache_dir, "logs", f"{tag}.json")
@@ -195,11 +220,11 @@ def run_worker(spec: dict, cache_dir: str, timeout: int) -> dict:
     else:
         tail = log_tail(log_path)
         status = "TIMEOUT" if returncode is None else ("OOM" if "out of memory" in tail.lower() else "FAILED")
-        result = {"size": spec["size"], "impl": spec["impl"], "status": status,
+        result = {"size": spec["size"], "impl": spec["impl"], "variant": spec.get("variant"), "status": status,
                   "error": f"worker exited with {returncode}" if returncode is not None else f"over {timeout} s"}
     result["log"] = log_path
     if result["status"] != "ok":
-        print(f"[bench] {spec['size']} {label(spec['impl'])}: {result['status']} ({result.get('error', '')}); "
+        print(f"[bench] {spec['size']} {label(spec['impl'], spec.get('variant'))}: {result['status']} ({result.get('error', '')}); "
               f"last lines of {log_path}:\n{log_tail(log_path)}", file=sys.stderr)
     return result
 
@@ -228,6 +253,7 @@ def build_meta(opts, sizes, baselines, device, runs) -> dict:
         "steps": opts.steps,
         "warmup": opts.warmup,
         "overrides": parse_set(opts.overrides),
+        "variants": {name: extra for name, extra in parse_variants(opts.variants) if name},
         "command": " ".join([os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + sys.argv[1:]),
     }
 
@@ -253,6 +279,7 @@ def main(argv=None) -> int:
         for size in sizes:
             config_path(size)
         overrides = parse_set(opts.overrides)
+        variants = parse_variants(opts.variants)
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
     extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 if opts.profile else 0)  # profile: 2 traced + 5 phase-timed
@@ -262,17 +289,20 @@ def main(argv=None) -> int:
     for size in sizes:
         prefix = ensure_synthetic_dataset(os.path.join(opts.cache_dir, "data"), vocab_for(size),
                                           tokens_needed(opts.micro_batch, opts.seq, iterations))
-        for impl in ["ours"] + baselines:
-            spec = {"size": size, "impl": impl, "device": device, "seq": opts.seq, "micro_batch": opts.micro_batch,
-                    "steps": opts.steps, "warmup": opts.warmup, "extra_steps": extra_steps, "overrides": overrides,
+        jobs = [("ours", name, {**overrides, **extra}) for name, extra in variants]
+        jobs += [(impl, None, overrides) for impl in baselines]
+        for impl, variant, job_overrides in jobs:
+            spec = {"size": size, "impl": impl, "variant": variant, "device": device, "seq": opts.seq,
+                    "micro_batch": opts.micro_batch, "steps": opts.steps, "warmup": opts.warmup,
+                    "extra_steps": extra_steps, "overrides": job_overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
                     "profile": opts.profile,
                     "peak_flops": opts.peak_tflops * 1e12 if opts.peak_tflops else None}
-            print(f"[bench] {size} {label(impl)} ...", file=sys.stderr, flush=True)
+            print(f"[bench] {size} {label(impl, variant)} ...", file=sys.stderr, flush=True)
             run = finish_run(run_worker(spec, opts.cache_dir, opts.timeout))
             runs.append(run)
             if run["status"] == "ok":
-                print(f"[bench] {size} {label(impl)}: {run['tokens_per_s']:,.0f} tokens/s, "
+                print(f"[bench] {size} {label(impl, variant)}: {run['tokens_per_s']:,.0f} tokens/s, "
                       f"{1e3 * run['median_step_s']:.1f} ms/step", file=sys.stderr, flush=True)
             add_ratios(runs, baselines)
             if opts.out:
@@ -281,9 +311,9 @@ def main(argv=None) -> int:
     meta = build_meta(opts, sizes, baselines, device, runs)
     for run in runs:
         if run.get("profile"):
-            print(f"\n--- profile: {run['size']} {label(run['impl'])} (2 steps) ---\n{run['profile']}")
+            print(f"\n--- profile: {run['size']} {label(run['impl'], run.get('variant'))} (2 steps) ---\n{run['profile']}")
         if run.get("phases_ms"):
-            print(f"--- phases per micro-batch: {run['size']} {label(run['impl'])} (median of 5 steps; "
+            print(f"--- phases per micro-batch: {run['size']} {label(run['impl'], run.get('variant'))} (median of 5 steps; "
                   f"GPU span vs host time to issue it) ---")
             for phase, times in run["phases_ms"].items():
                 gpu = "-" if times["gpu_ms"] is None else f"{times['gpu_ms']:.2f}"

@@ -28,6 +28,7 @@ def tiny_results(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--device", "cpu", "--sizes", "tiny", "--seq", "64", "--micro-batch", "2",
          "--steps", "2", "--warmup", "1", "--baselines", "eager", "--out", str(out), "--markdown", "--profile",
+         "--variant", "fused: fused_cross_entropy=true", "--variant", "plain: fused_cross_entropy=false",
          "--cache-dir", str(tmp / "cache")],
         cwd=ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,7 +57,7 @@ def test_output_has_formula_table_and_markdown(tiny_results):
     _, stdout = tiny_results
     assert "FLOPs/token = 6*N + 12*L*h*s" in stdout
     assert "ours (DeepSpeed + Trainer)" in stdout and "HF GPTNeoX eager" in stdout
-    assert "| tiny | ours (DeepSpeed + Trainer) |" in stdout
+    assert "| tiny | ours (DeepSpeed + Trainer) [fused] |" in stdout
 
 
 def test_a_failing_worker_is_reported_not_raised(tmp_path):
@@ -77,3 +78,23 @@ def test_profile_reports_phases_of_our_step(tiny_results):
     assert set(ours["phases_ms"]) == {"forward", "backward", "step"}
     assert all(times["host_ms"] > 0 and times["gpu_ms"] is None for times in ours["phases_ms"].values())
     assert "phases per micro-batch" in stdout and "--- profile:" in stdout
+
+
+def test_variants_run_ours_once_each_with_their_overrides(tiny_results):
+    results, stdout = tiny_results
+    ours = [run for run in results["runs"] if run["impl"] == "ours"]
+    assert [run["variant"] for run in ours] == ["fused", "plain"]
+    assert all(run["status"] == "ok" and run["ratio_vs_eager"] > 0 for run in ours)
+    assert results["meta"]["variants"] == {"fused": {"fused_cross_entropy": True},
+                                           "plain": {"fused_cross_entropy": False}}
+    assert "ours (DeepSpeed + Trainer) [fused]" in stdout and "ours (DeepSpeed + Trainer) [plain]" in stdout
+
+
+def test_bad_variant_is_a_usage_error():
+    from bench_throughput import parse_variants
+
+    assert parse_variants([]) == [(None, {})]
+    with pytest.raises(ValueError, match="name of letters"):
+        parse_variants(["no colon here"])
+    with pytest.raises(ValueError, match="must differ"):
+        parse_variants(["a: torch_compile=true", "a:"])
