@@ -119,6 +119,9 @@ def build_neox_args(spec: dict):
 def describe_ours(args) -> str:
     """Short notes on the settings of our side that change speed (ZeRO stage, checkpointing, compile, ...)."""
     notes = [f"zero{args.parallel.zero_optimization.get('stage', 0)}", args.derived.precision]
+    accum = args.precision.data_types.get("grad_accum_dtype")
+    if accum and accum != args.derived.precision:
+        notes.append(f"{accum} grad accum")
     if args.training.checkpoint_activations:
         notes.append(f"ckpt-act/{args.training.checkpoint_num_layers}")
     if args.training.torch_compile:
