@@ -34,6 +34,7 @@ from megatron.checkpointing.layout import (
     torch_load,
     write_latest,
 )
+from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER
 
 
 @dataclass
@@ -198,10 +199,14 @@ def load_checkpoint(engine, args) -> TrainProgress:
         return TrainProgress()
     tag = read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
+    finetune = args.checkpoint.finetune
+    if not finetune and os.path.isfile(os.path.join(path, WEIGHTS_ONLY_MARKER)):
+        raise CheckpointError(f"load: {path} holds weights only (written by tools/ckpts/reshard.py: no optimizer, "
+                              f"learning-rate or RNG states, so the run cannot resume exactly); set finetune: "
+                              f"true to load its weights and start a new optimizer.")
     with open(os.path.join(path, CONFIG_FILE)) as handle:
         saved_args = NeoXArgs.from_serialized(handle.read())
     _check_compatible(saved_args, args, path)
-    finetune = args.checkpoint.finetune
     if not finetune:
         _check_optimizer_layout(saved_args, args, path)
     try:

@@ -5,7 +5,9 @@
 
 The family follows the model config: RMSNorm/SwiGLU models become `LlamaForCausalLM`, the others
 `GPTNeoXForCausalLM` (see megatron/checkpointing/hf.py). The HF `vocab_size` is our padded vocabulary.
-Only tensor-parallel size 1 checkpoints are read; reshard larger ones to model_parallel_size 1 first.
+A checkpoint saved with model_parallel_size > 1 is read rank by rank and its shards are merged in memory
+(megatron/checkpointing/reshard.py); nothing is written next to it. ZeRO stage 3 checkpoints must be
+consolidated first (the error says how).
 """
 
 from __future__ import annotations
@@ -18,20 +20,16 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import torch  # noqa: E402
 
-from megatron.checkpointing import read_model_state  # noqa: E402
+from megatron.checkpointing import CheckpointError  # noqa: E402
 from megatron.checkpointing.hf import hf_config, to_hf  # noqa: E402
+from megatron.checkpointing.reshard import read_merged_model_state  # noqa: E402
 
 
 def convert(load: str, output: str, tag: str | None = None) -> str:
     """Write the HF model of checkpoint `load`/`tag` (default: latest) to `output`; returns `output`."""
     import transformers
 
-    state_dict, args = read_model_state(load, tag=tag, tp_rank=0)
-    if args.parallel.model_parallel_size > 1:
-        raise SystemExit(
-            f"{load} was saved with model_parallel_size {args.parallel.model_parallel_size}: reshard to "
-            f"model_parallel_size 1 first (tools/ckpts/reshard.py), then convert."
-        )
+    state_dict, args = read_merged_model_state(load, tag=tag)  # every tensor-parallel rank, merged
     hf_state = to_hf(state_dict, args.model, args.derived)
     config = hf_config(args.model, args.derived)
     config.dtype = next(iter(hf_state.values())).dtype
@@ -51,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step100 (default: latest)")
     parser.add_argument("--output", required=True, help="HF model directory to write")
     opts = parser.parse_args(argv)
-    out = convert(opts.load, opts.output, opts.tag)
+    try:
+        out = convert(opts.load, opts.output, opts.tag)
+    except CheckpointError as exc:
+        raise SystemExit(f"convert_neox_to_hf.py: error: {exc}") from None
     print(f"wrote {out}")
 
 
