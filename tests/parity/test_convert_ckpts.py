@@ -80,18 +80,31 @@ def test_hf_to_neox_to_hf(tmp_path, family):
         assert torch.equal(back.state_dict()[key], value), key
 
 
-def test_tensor_parallel_checkpoint_is_refused(tmp_path):
+def test_tensor_parallel_checkpoint_is_merged(tmp_path):
+    """A model_parallel_size 2 checkpoint converts directly (its shards merged in memory) to the HF model of
+    the TP=1 weights; a missing rank file is a clear error."""
     from megatron.checkpointing.layout import write_latest
+    from megatron.checkpointing.reshard import split_tp
 
     sections = {name: cls() for name, cls in SECTIONS.items()}
     sections["parallel"].model_parallel_size = 2
     args = NeoXArgs(**sections, derived=DerivedArgs(num_kv_heads=4, intermediate_size=512,
                                                     max_position_embeddings=128, padded_vocab_size=256))
+    torch.manual_seed(0)
+    ours = GPTModel(args.model, args.derived, ParallelState.single()).eval()
     tag_dir = tmp_path / "global_step5"
     tag_dir.mkdir()
-    torch.save({"module": {}}, tag_dir / "mp_rank_00_model_states.pt")
+    for rank, shard in enumerate(split_tp(ours.state_dict(), args.model, args.derived, 2)):
+        torch.save({"module": shard}, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
     (tag_dir / "neox_args.json").write_text(args.serialize())
     (tag_dir / "complete").write_text("")
     write_latest(str(tmp_path), "global_step5")
-    with pytest.raises(SystemExit, match="reshard to model_parallel_size 1 first"):
-        _load_tool("convert_neox_to_hf").main(["--load", str(tmp_path), "--output", str(tmp_path / "hf")])
+    _load_tool("convert_neox_to_hf").main(["--load", str(tmp_path), "--output", str(tmp_path / "hf")])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (_logits_hf(hf_model, tokens) - ours(tokens)).abs().max().item() <= ATOL
+
+    (tag_dir / "mp_rank_01_model_states.pt").unlink()
+    with pytest.raises(SystemExit, match="mp_rank_01_model_states.pt is missing"):
+        _load_tool("convert_neox_to_hf").main(["--load", str(tmp_path), "--output", str(tmp_path / "hf2")])
