@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from megatron.model import GPTModel
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 from tests.helpers.distributed import run_distributed
+from tests.helpers.models import fixed_batch, reference_and_parallel
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, sums reordered by the reductions
 N, H, V = 30, 16, 64
@@ -67,15 +67,8 @@ def _make_args(**overrides):
 
 def _check_model(state, overrides, fused, chunk):
     model_args, derived = _make_args(fused_cross_entropy=fused, cross_entropy_chunk_size=chunk, **overrides)
-    torch.manual_seed(7)
-    reference = GPTModel(model_args, derived, mpu.ParallelState.single())
-    torch.manual_seed(7)
-    parallel = GPTModel(model_args, derived, state)
-
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, VOCAB, (2, 16), generator=gen)
-    labels = torch.randint(0, VOCAB, (2, 16), generator=gen)
-    mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+    reference, parallel = reference_and_parallel(model_args, derived, state)
+    tokens, labels, mask = fixed_batch(VOCAB)
 
     ref_loss = reference.loss(reference(tokens), labels, mask)
     ref_loss.backward()

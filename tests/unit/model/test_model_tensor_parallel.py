@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
-from megatron.model import GPTModel
 from model_test_utils import VOCAB, make_args
 from tests.helpers.distributed import run_distributed
+from tests.helpers.models import fixed_batch, reference_and_parallel
 
 TOL = 2e-5  # fp32, sums reordered by the reductions
 
@@ -30,15 +30,8 @@ CONFIGS = {
 
 def _check_model(state, overrides):
     model_args, derived = make_args(num_layers=2, **overrides)
-    torch.manual_seed(7)
-    reference = GPTModel(model_args, derived, mpu.ParallelState.single())
-    torch.manual_seed(7)
-    parallel = GPTModel(model_args, derived, state)
-
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, VOCAB, (2, 16), generator=gen)
-    labels = torch.randint(0, VOCAB, (2, 16), generator=gen)
-    mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+    reference, parallel = reference_and_parallel(model_args, derived, state)
+    tokens, labels, mask = fixed_batch(VOCAB)
 
     ref_logits = reference(tokens)
     ref_loss = reference.loss(ref_logits, labels, mask)
