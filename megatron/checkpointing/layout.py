@@ -94,6 +94,20 @@ def read_latest_tag(load_dir: str) -> str:
     return tag
 
 
+def resolve_tag(load_dir: str, tag: str | None = None) -> str:
+    """`tag` if it names a complete checkpoint in `load_dir`, or the `latest` one when `tag` is None;
+    CheckpointError naming the complete tags otherwise."""
+    if tag is None:
+        return read_latest_tag(load_dir)
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{os.path.join(load_dir, tag)} does not exist; complete checkpoints in "
+                              f"{load_dir!r}: {complete_tags(load_dir) or 'none'}.")
+    if not is_complete(load_dir, tag):
+        raise CheckpointError(f"{os.path.join(load_dir, tag)} is incomplete (no `{COMPLETE_MARKER}` marker): "
+                              f"its save was interrupted. Use a complete tag: {complete_tags(load_dir) or 'none'}.")
+    return tag
+
+
 def torch_load(path: str, what: str):
     """torch.load with an error that names the file instead of a deep stack trace."""
     if not os.path.isfile(path):

@@ -42,14 +42,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron.checkpointing.layout import (
-    COMPLETE_MARKER,
-    CheckpointError,
-    complete_tags,
-    is_complete,
-    read_latest_tag,
-    read_model_state,
-)
+from megatron.checkpointing.layout import CheckpointError, read_model_state, resolve_tag
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
@@ -195,14 +188,7 @@ def resharded_args(args, tp: int):
 def read_merged_model_state(load_dir: str, tag: str | None = None):
     """`(TP=1 state dict, NeoXArgs as saved)` of checkpoint `load_dir`/`tag` (default: latest), every
     tensor-parallel rank read and merged. CheckpointError for a missing or incomplete tag, ZeRO-3."""
-    if tag is None:
-        tag = read_latest_tag(load_dir)
-    elif not os.path.isdir(os.path.join(load_dir, tag)):
-        raise CheckpointError(f"{os.path.join(load_dir, tag)} does not exist; complete checkpoints in "
-                              f"{load_dir!r}: {complete_tags(load_dir) or 'none'}.")
-    elif not is_complete(load_dir, tag):
-        raise CheckpointError(f"{os.path.join(load_dir, tag)} is incomplete (no `{COMPLETE_MARKER}` marker): "
-                              f"its save was interrupted. Use a complete tag: {complete_tags(load_dir) or 'none'}.")
+    tag = resolve_tag(load_dir, tag)
     first, args = read_model_state(load_dir, tag, tp_rank=0)
     if args.parallel.pipe_parallel_size > 1:
         raise CheckpointError(f"{os.path.join(load_dir, tag)} was saved with pipe_parallel_size "
