@@ -2,7 +2,7 @@
 
 Both sides use it: ours trains with it, the baselines take the model shape and FLOP count from it.
 Precedence, lowest first: the size config (`configs/<size>.yml`), the benchmark's fixed keys (seq and
-micro-batch from the command line, one micro-batch per step, bf16 on cuda / fp32 on cpu, the synthetic
+micro-batch from the command line, `--grad-accum` micro-batches per step, bf16 on cuda / fp32 on cpu, the synthetic
 data, no checkpoints or evaluation), then every `--set key=value` (so `--set` can override anything).
 """
 
@@ -87,7 +87,7 @@ def bench_config_dict(spec: dict) -> dict:
         "seq_length": spec["seq"],
         "max_position_embeddings": spec["seq"],
         "train_micro_batch_size_per_gpu": spec["micro_batch"],
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": spec.get("grad_accum", 1),
         "train_iters": iterations,
         "eval_interval": iterations + 1,
         "eval_iters": 1,

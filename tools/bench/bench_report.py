@@ -64,7 +64,8 @@ def header_text(meta: dict) -> str:
         f"Throughput benchmark  {meta['date']}  commit {meta.get('commit') or 'unknown'}",
         f"device: {env.get('device_name', meta['device'])} | torch {env.get('torch')} (CUDA {env.get('cuda')}) | "
         f"deepspeed {env.get('deepspeed')} | transformers {env.get('transformers')}",
-        f"seq {meta['seq']} x micro-batch {meta['micro_batch']} = {meta['seq'] * meta['micro_batch']} tokens/step; "
+        f"seq {meta['seq']} x micro-batch {meta['micro_batch']} x grad-accum {meta.get('grad_accum', 1)} = "
+        f"{meta['seq'] * meta['micro_batch'] * meta.get('grad_accum', 1)} tokens/step; "
         f"median of {meta['steps']} individually timed steps (device synchronized around each) "
         f"after {meta['warmup']} warmup steps; peak memory since the end of warmup",
         FLOPS_FORMULA,
@@ -108,7 +109,8 @@ def render_markdown(meta: dict, runs: list[dict], baselines: Sequence[str]) -> s
     env = meta.get("env") or {}
     head = ["size"] + headers(baselines)
     lines = [f"{env.get('device_name', meta['device'])}, torch {env.get('torch')}, deepspeed {env.get('deepspeed')}, "
-             f"transformers {env.get('transformers')}; seq {meta['seq']}, micro-batch {meta['micro_batch']}; "
+             f"transformers {env.get('transformers')}; seq {meta['seq']}, micro-batch {meta['micro_batch']}, "
+             f"grad-accum {meta.get('grad_accum', 1)}; "
              f"{meta['date']}, commit {meta.get('commit') or 'unknown'}",
              "",
              "| " + " | ".join(head) + " |",

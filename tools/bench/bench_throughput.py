@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated sizes ({', '.join(SIZE_CONFIGS)}) or YAML config paths")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default 8)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step, on every side (default 1); a step then holds "
+                             "micro-batch x grad-accum sequences")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20); the median is reported")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--baselines", default="eager,compiled",
@@ -83,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.seq < 1 or args.micro_batch < 1:
-        parser.error("--steps >= 1, --warmup >= 0, --seq >= 1 and --micro-batch >= 1 are required")
+    if args.steps < 1 or args.warmup < 0 or args.seq < 1 or args.micro_batch < 1 or args.grad_accum < 1:
+        parser.error("--steps >= 1, --warmup >= 0, --seq >= 1, --micro-batch >= 1 and --grad-accum >= 1 are required")
     return args
 
 
@@ -250,6 +253,7 @@ def build_meta(opts, sizes, baselines, device, runs) -> dict:
         "baselines": baselines,
         "seq": opts.seq,
         "micro_batch": opts.micro_batch,
+        "grad_accum": opts.grad_accum,
         "steps": opts.steps,
         "warmup": opts.warmup,
         "overrides": parse_set(opts.overrides),
@@ -288,12 +292,12 @@ def main(argv=None) -> int:
     runs: list[dict] = []
     for size in sizes:
         prefix = ensure_synthetic_dataset(os.path.join(opts.cache_dir, "data"), vocab_for(size),
-                                          tokens_needed(opts.micro_batch, opts.seq, iterations))
+                                          tokens_needed(opts.micro_batch * opts.grad_accum, opts.seq, iterations))
         jobs = [("ours", name, {**overrides, **extra}) for name, extra in variants]
         jobs += [(impl, None, overrides) for impl in baselines]
         for impl, variant, job_overrides in jobs:
             spec = {"size": size, "impl": impl, "variant": variant, "device": device, "seq": opts.seq,
-                    "micro_batch": opts.micro_batch, "steps": opts.steps, "warmup": opts.warmup,
+                    "micro_batch": opts.micro_batch, "grad_accum": opts.grad_accum, "steps": opts.steps, "warmup": opts.warmup,
                     "extra_steps": extra_steps, "overrides": job_overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
                     "profile": opts.profile,

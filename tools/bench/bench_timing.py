@@ -95,9 +95,55 @@ def find_host_syncs(step: Callable[[], None], device: str) -> list[dict]:
             for where, count in found.most_common()]
 
 
+KERNEL_CATEGORIES = (
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "wgmma_tensorop")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("communication", ("nccl",)),
+    ("compiled (triton)", ("triton_",)),
+    ("copy / cast", ("copy", "cast", "catarray")),
+    ("reduction", ("reduce", "norm")),
+    ("elementwise (eager)", ("elementwise", "vectorized")),
+)
+"""Device-kernel name fragments (lower case) -> category, first match wins; the rest is "other"."""
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 30) -> str:
+    """Text table of device time per step: by category (KERNEL_CATEGORIES) and the `top` kernels.
+
+    `kernels`: (kernel name, device microseconds) for every kernel launched in `steps` steps.
+    """
+    total = sum(us for _, us in kernels) or 1.0
+    by_category: Counter = Counter()
+    calls: Counter = Counter()
+    by_name: Counter = Counter()
+    for name, us in kernels:
+        by_category[kernel_category(name)] += us
+        calls[kernel_category(name)] += 1
+        by_name[name] += us
+    lines = [f"device time per step: {total / steps / 1e3:.2f} ms in {len(kernels) / steps:.0f} kernels",
+             f"  {'category':22s} {'ms/step':>8s} {'share':>6s} {'kernels/step':>12s}"]
+    for category, us in by_category.most_common():
+        lines.append(f"  {category:22s} {us / steps / 1e3:8.2f} {100 * us / total:5.1f}% {calls[category] / steps:12.0f}")
+    lines.append(f"  top {top} kernels:")
+    for name, us in by_name.most_common(top):
+        lines.append(f"  {us / steps / 1e3:8.3f} ms  [{kernel_category(name)}] {name[:110]}")
+    return "\n".join(lines)
+
+
 def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: int = 25) -> str:
-    """torch.profiler over `steps` calls of `step`: the top `rows` operators by self device time (self CPU
-    time on cpu), as the profiler's text table. Shows where a step's time goes, kernel by kernel."""
+    """torch.profiler over `steps` calls of `step`. On cuda: device time per step by kernel category and
+    the top kernels (kernel_breakdown); on cpu: the top `rows` operators by self CPU time. Shows where a
+    step's time goes."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -106,8 +152,11 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
         for _ in range(steps):
             step()
         synchronize(device)
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    if device != "cuda":
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    kernels = [(event.name, event.time_range.elapsed_us()) for event in prof.events()
+               if event.device_type == DeviceType.CUDA]
+    return kernel_breakdown(kernels, steps)
 
 
 class PhaseTimedEngine:
