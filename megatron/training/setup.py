@@ -64,7 +64,31 @@ def build_engine(args, model, device_type: str, parallel):
                               decay_style=args.lr.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=args.deepspeed_config(), mpu=parallel.deepspeed_mpu())
+    skip_allreduce_without_replicas(engine, parallel)
     return engine
+
+
+def skip_allreduce_without_replicas(engine, parallel) -> bool:
+    """Turn off DeepSpeed's gradient all-reduce when there is one data-parallel replica and the engine
+    would only run its generic fallback; returns whether it was turned off.
+
+    With ZeRO stage 0, or stage 1 with BF16_Optimizer (fp32 gradient accumulation), the engine reduces
+    gradients in `buffered_allreduce_fallback`: flatten every gradient into buckets, all-reduce them
+    over the data-parallel group, scale by 1/dp, copy them back. Over a group of one that is a sum over
+    one tensor: a full copy of the gradients three times per step (~6 ms of a 109 ms 410M step on an
+    H100), and with BF16_Optimizer a rounding of its fp32 gradient sums to bf16 (DeepSpeed communicates
+    in the model's dtype unless `communication_data_type` says otherwise), which skipping removes. DeepSpeed's own switch for "no reduction" is the attribute the
+    pipeline engine and a backend-less engine set, `enable_backward_allreduce`. ZeRO optimizers with
+    their own `reduce_gradients` (stage 1 without BF16_Optimizer) or partitioned gradients (stage >= 2)
+    move gradients into their partitions in that call, so it stays on for them.
+    """
+    if parallel.dp_size != 1:
+        return False
+    if engine.zero_optimization_partition_gradients() or (
+            engine.zero_optimization_stage() >= 1 and hasattr(engine.optimizer, "reduce_gradients")):
+        return False
+    engine.enable_backward_allreduce = False
+    return True
 
 
 def init_parallel(args):

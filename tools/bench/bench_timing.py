@@ -139,24 +139,49 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 30
     return "\n".join(lines)
 
 
+def _call_site(stack: list[str], frames: int = 3) -> str:
+    """The innermost `frames` frames of a profiler stack that lie in our code or a library we compare."""
+    keep = [frame for frame in stack
+            if any(part in frame for part in ("megatron", "deepspeed", "transformers", "torch/optim", "bench_"))]
+    return " <- ".join(frame.split("/")[-1] for frame in keep[:frames]) or "(no Python frame)"
+
+
+def operator_sites(prof, steps: int, top: int = 25) -> str:
+    """Device time per step of each (operator, Python call site), largest first: which line launches
+    the copies, casts and reductions that the kernel table shows."""
+    rows = []
+    for event in prof.key_averages(group_by_stack_n=8):
+        us = getattr(event, "self_device_time_total", 0)
+        if us > 0 and not event.key.startswith(("Optimizer.", "ProfilerStep")):
+            rows.append((us, event.count, event.key, _call_site(event.stack or [])))
+    rows.sort(reverse=True)
+    lines = [f"  top {top} operators by call site (self device ms/step, calls/step):"]
+    for us, count, key, site in rows[:top]:
+        lines.append(f"  {us / steps / 1e3:8.3f} ms {count / steps:5.0f}x {key[:34]:34s} {site[:150]}")
+    return "\n".join(lines)
+
+
 def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: int = 25) -> str:
     """torch.profiler over `steps` calls of `step`. On cuda: device time per step by kernel category and
-    the top kernels (kernel_breakdown); on cpu: the top `rows` operators by self CPU time. Shows where a
-    step's time goes."""
+    the top kernels (kernel_breakdown), then the top operators by Python call site (operator_sites); on
+    cpu: the top `rows` operators by self CPU time. Shows where a step's time goes."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=cuda) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
-    if device != "cuda":
+    if not cuda:
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    # kernels only: user annotations (e.g. "Optimizer.step#AdamW.step") span kernels already counted
     kernels = [(event.name, event.time_range.elapsed_us()) for event in prof.events()
-               if event.device_type == DeviceType.CUDA]
-    return kernel_breakdown(kernels, steps)
+               if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+               and "#" not in event.name]
+    return kernel_breakdown(kernels, steps) + "\n" + operator_sites(prof, steps)
 
 
 class PhaseTimedEngine:

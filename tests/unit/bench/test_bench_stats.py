@@ -89,3 +89,18 @@ def test_bench_config_precedence_size_config_then_fixed_keys_then_set():
     assert config["checkpoint_activations"] is False
     cpu = bench_config_dict(dict(spec, device="cpu", overrides={}))
     assert cpu["bf16"]["enabled"] is False and cpu["num_workers"] == 0
+
+
+def test_kernel_breakdown_sums_per_step_by_category():
+    from bench_timing import kernel_breakdown, kernel_category
+
+    assert kernel_category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kernel_category("triton_poi_fused_gelu_view_3") == "compiled (triton)"
+    assert kernel_category("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>") == "copy / cast"
+    assert kernel_category("some_custom_kernel") == "other"
+    kernels = [("nvjet_a", 3000.0), ("nvjet_a", 1000.0), ("triton_poi_fused_gelu", 2000.0), ("xyz", 1000.0), ("xyz", 1000.0)]
+    text = kernel_breakdown(kernels, steps=2)
+    assert text.splitlines()[0] == "device time per step: 4.00 ms in 2 kernels"
+    assert "  matmul                     2.00  50.0%            1" in text
+    assert "  other                      1.00  25.0%            1" in text

@@ -27,7 +27,7 @@ def tiny_results(tmp_path_factory):
     out = tmp / "results.json"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--device", "cpu", "--sizes", "tiny", "--seq", "64", "--micro-batch", "2",
-         "--steps", "2", "--warmup", "1", "--baselines", "eager", "--out", str(out), "--markdown", "--profile",
+         "--grad-accum", "2", "--steps", "2", "--warmup", "1", "--baselines", "eager", "--out", str(out), "--markdown", "--profile",
          "--variant", "fused: fused_cross_entropy=true", "--variant", "plain: fused_cross_entropy=false",
          "--cache-dir", str(tmp / "cache")],
         cwd=ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=300)
@@ -43,13 +43,13 @@ def test_json_has_positive_throughput_and_consistent_ratio(tiny_results):
         assert run["status"] == "ok", run
         assert run["tokens_per_s"] > 0 and run["median_step_s"] > 0
         assert len(run["step_times_s"]) == 2
-        assert run["tokens_per_step"] == 2 * 64
+        assert run["tokens_per_step"] == 2 * 64 * 2  # micro-batch x seq x grad-accum, on both sides
         assert run["tokens_per_s"] == pytest.approx(run["tokens_per_step"] / run["median_step_s"])
         assert run["mfu"] is None  # CPU: peak unknown
     assert runs["ours"]["ratio_vs_eager"] == pytest.approx(runs["ours"]["tokens_per_s"] / runs["eager"]["tokens_per_s"])
     assert runs["eager"]["ratio_vs_eager"] == pytest.approx(1.0)
     assert runs["ours"]["flops_per_token"] == runs["eager"]["flops_per_token"] > 0
-    assert "zero0" in runs["ours"]["notes"]
+    assert "zero0" in runs["ours"]["notes"] and "grad-acc 2" in runs["ours"]["notes"]
     assert results["meta"]["seq"] == 64 and results["meta"]["env"]["device_name"] == "cpu"
 
 
