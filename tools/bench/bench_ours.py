@@ -15,7 +15,7 @@ import os
 import torch
 
 from bench_config import describe_ours
-from bench_timing import find_host_syncs, measure, phase_spans, profile_steps
+from bench_timing import find_host_syncs, host_profile, measure, phase_spans, profile_steps
 
 
 class NullLogger:
@@ -71,6 +71,7 @@ def run_ours(spec: dict, args) -> dict:
     if spec.get("profile"):
         result["profile"] = profile_steps(trainer.train_step, spec["device"])
         result["phases_ms"] = phase_spans(trainer)
+        result["host_profile"] = host_profile(trainer.train_step)
     result.update({
         "tokens_per_step": args.derived.train_batch_size * args.model.seq_length,
         "params": n_params,

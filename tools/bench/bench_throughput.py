@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         variants = parse_variants(opts.variants)
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
-    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 if opts.profile else 0)  # profile: 2 traced + 5 phase-timed
+    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 + 2 if opts.profile else 0)  # profile: 2 traced, 5 phase-timed, 2 cProfiled
     iterations = opts.warmup + opts.steps + extra_steps + 2
 
     runs: list[dict] = []
@@ -322,6 +322,8 @@ def main(argv=None) -> int:
             for phase, times in run["phases_ms"].items():
                 gpu = "-" if times["gpu_ms"] is None else f"{times['gpu_ms']:.2f}"
                 print(f"  {phase:9s} GPU {gpu:>8s} ms   host {times['host_ms']:8.2f} ms")
+        if run.get("host_profile"):
+            print(f"--- host profile: {run['size']} {label(run['impl'], run.get('variant'))} ---\n{run['host_profile']}")
     print(render_text(meta, runs, baselines))
     if opts.markdown:
         print()

@@ -139,39 +139,40 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 30
     return "\n".join(lines)
 
 
-def _call_site(stack: list[str], frames: int = 3) -> str:
-    """The innermost `frames` frames of a profiler stack that lie in our code or a library we compare."""
-    keep = [frame for frame in stack
-            if any(part in frame for part in ("megatron", "deepspeed", "transformers", "torch/optim", "bench_"))]
-    return " <- ".join(frame.split("/")[-1] for frame in keep[:frames]) or "(no Python frame)"
+def host_profile(step: Callable[[], None], steps: int = 2, top: int = 25) -> str:
+    """cProfile over `steps` calls of `step`: the Python functions that take the host's time (own time,
+    i.e. without callees), per step. When the host takes longer to issue a step than the GPU takes to
+    run it, these are what to cut (or replay as CUDA graphs)."""
+    import cProfile
+    import pstats
 
-
-def operator_sites(prof, steps: int, top: int = 25) -> str:
-    """Device time per step of each (operator, Python call site), largest first: which line launches
-    the copies, casts and reductions that the kernel table shows."""
-    rows = []
-    for event in prof.key_averages(group_by_stack_n=8):
-        us = getattr(event, "self_device_time_total", 0)
-        if us > 0 and not event.key.startswith(("Optimizer.", "ProfilerStep")):
-            rows.append((us, event.count, event.key, _call_site(event.stack or [])))
-    rows.sort(reverse=True)
-    lines = [f"  top {top} operators by call site (self device ms/step, calls/step):"]
-    for us, count, key, site in rows[:top]:
-        lines.append(f"  {us / steps / 1e3:8.3f} ms {count / steps:5.0f}x {key[:34]:34s} {site[:150]}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # by own time
+    total = sum(value[2] for _, value in stats.stats.items())
+    lines = [f"host time per step: {1e3 * total / steps:.1f} ms of Python (own time, all functions); top {top}:"]
+    for (path, line, name), (_, calls, own, cumulative, _) in rows[:top]:
+        where = f"{os.path.basename(path)}:{line}" if path != "~" else "(builtin)"
+        lines.append(f"  {1e3 * own / steps:7.2f} ms own {1e3 * cumulative / steps:8.2f} ms cum "
+                     f"{calls / steps:6.0f}x  {name[:60]} [{where}]")
     return "\n".join(lines)
 
 
 def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: int = 25) -> str:
     """torch.profiler over `steps` calls of `step`. On cuda: device time per step by kernel category and
-    the top kernels (kernel_breakdown), then the top operators by Python call site (operator_sites); on
-    cpu: the top `rows` operators by self CPU time. Shows where a step's time goes."""
+    the top kernels (kernel_breakdown); on cpu: the top `rows` operators by self CPU time. Shows where a
+    step's time goes."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
-    with profile(activities=activities, with_stack=cuda) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
@@ -181,7 +182,7 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     kernels = [(event.name, event.time_range.elapsed_us()) for event in prof.events()
                if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
                and "#" not in event.name]
-    return kernel_breakdown(kernels, steps) + "\n" + operator_sites(prof, steps)
+    return kernel_breakdown(kernels, steps)
 
 
 class PhaseTimedEngine:

@@ -78,6 +78,7 @@ def test_profile_reports_phases_of_our_step(tiny_results):
     assert set(ours["phases_ms"]) == {"forward", "backward", "step"}
     assert all(times["host_ms"] > 0 and times["gpu_ms"] is None for times in ours["phases_ms"].values())
     assert "phases per micro-batch" in stdout and "--- profile:" in stdout
+    assert "host time per step:" in stdout and " ms own " in ours["host_profile"]
 
 
 def test_variants_run_ours_once_each_with_their_overrides(tiny_results):
