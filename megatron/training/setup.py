@@ -65,10 +65,6 @@ def build_engine(args, model, device_type: str, parallel):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=args.deepspeed_config(), mpu=parallel.deepspeed_mpu())
     skip_allreduce_without_replicas(engine, parallel)
-    if type(engine.optimizer).__name__ == "BF16_Optimizer":
-        from megatron.training import bf16_clipping
-
-        bf16_clipping.install()  # same norm and clipping, computed without host reads (see the module)
     return engine
 
 
