@@ -104,3 +104,13 @@ def test_kernel_breakdown_sums_per_step_by_category():
     assert text.splitlines()[0] == "device time per step: 4.00 ms in 2 kernels"
     assert "  matmul                     2.00  50.0%            1" in text
     assert "  other                      1.00  25.0%            1" in text
+
+
+def test_git_commit_names_this_checkout():
+    import subprocess
+
+    from bench_throughput import REPO_ROOT, git_commit
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert git_commit() in (head, head + "+dirty")
