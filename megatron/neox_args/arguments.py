@@ -162,6 +162,8 @@ class NeoXArgs:
         }
         if self.precision.data_types:
             config["data_types"] = copy.deepcopy(self.precision.data_types)
+        if self.precision.communication_data_type is not None:
+            config["communication_data_type"] = self.precision.communication_data_type
         return config
 
     def set_vocab_size(self, vocab_size: int) -> None:

@@ -243,6 +243,12 @@ class PrecisionArgs:
     model dtype, which loses precision over many micro-batches. fp32 accumulation of bf16/fp16 gradients
     needs ZeRO stage >= 1 (DeepSpeed 0.19 does not implement it at stage 0)."""
 
+    communication_data_type: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    """dtype in which data-parallel replicas sum their gradients (DeepSpeed's key). None: the model dtype
+    (DeepSpeed's default), which with `data_types.grad_accum_dtype: fp32` rounds the fp32 gradient sums to
+    bf16/fp16 before they are summed over replicas; fp32 keeps them fp32 (as Megatron reduces bf16 runs'
+    gradients) at twice the gradient traffic. No effect with one replica."""
+
 
 @dataclass
 class TrainingArgs:

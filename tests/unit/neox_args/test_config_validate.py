@@ -162,3 +162,12 @@ def test_sources_are_grouped_in_messages(minimal):
         NeoXArgs.from_dict({**minimal, "train_batch_size": 7}, source="x.yml", world_size=1)
     assert "(train_batch_size, train_micro_batch_size_per_gpu from x.yml; gradient_accumulation_steps from " \
            "default)" in str(err.value)
+
+
+def test_communication_data_type_reaches_the_deepspeed_config_only_when_set(minimal):
+    plain = NeoXArgs.from_dict(minimal, source="cfg.yml", world_size=1)
+    assert "communication_data_type" not in plain.deepspeed_config()
+    fp32 = NeoXArgs.from_dict({**minimal, "communication_data_type": "fp32"}, source="cfg.yml", world_size=1)
+    assert fp32.deepspeed_config()["communication_data_type"] == "fp32"
+    with pytest.raises(ConfigError, match="communication_data_type"):
+        NeoXArgs.from_dict({**minimal, "communication_data_type": "fp64"}, source="cfg.yml", world_size=1)
