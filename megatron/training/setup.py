@@ -81,8 +81,9 @@ def skip_allreduce_without_replicas(engine, parallel) -> bool:
     over the data-parallel group, scale by 1/dp, copy them back. Over a group of one that is a sum over
     one tensor: a full copy of the gradients three times per step (~6 ms of a 109 ms 410M step on an
     H100), and with BF16_Optimizer a rounding of its fp32 gradient sums to bf16 (DeepSpeed communicates
-    in the model's dtype unless `communication_data_type` says otherwise), which skipping removes. DeepSpeed's own switch for "no reduction" is the attribute the
-    pipeline engine and a backend-less engine set, `enable_backward_allreduce`. ZeRO optimizers with
+    in the model's dtype unless `communication_data_type` says otherwise), which skipping removes.
+    DeepSpeed's own switch for "no reduction" is the attribute the pipeline engine and a backend-less
+    engine set, `enable_backward_allreduce`. ZeRO optimizers with
     their own `reduce_gradients` (stage 1 without BF16_Optimizer) or partitioned gradients (stage >= 2)
     move gradients into their partitions in that call, so it stays on for them.
     """

@@ -297,7 +297,8 @@ def main(argv=None) -> int:
         variants = parse_variants(opts.variants)
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
-    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 + 2 if opts.profile else 0)  # profile: 2 traced, 5 phase-timed, 2 cProfiled
+    # --profile: 2 traced steps, 5 phase-timed, 2 under cProfile
+    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 + 2 if opts.profile else 0)
     iterations = opts.warmup + opts.steps + extra_steps + 2
 
     runs: list[dict] = []
@@ -308,7 +309,8 @@ def main(argv=None) -> int:
         jobs += [(impl, None, overrides) for impl in baselines]
         for impl, variant, job_overrides in jobs:
             spec = {"size": size, "impl": impl, "variant": variant, "device": device, "seq": opts.seq,
-                    "micro_batch": opts.micro_batch, "grad_accum": opts.grad_accum, "steps": opts.steps, "warmup": opts.warmup,
+                    "micro_batch": opts.micro_batch, "grad_accum": opts.grad_accum, "steps": opts.steps,
+                    "warmup": opts.warmup,
                     "extra_steps": extra_steps, "overrides": job_overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
                     "profile": opts.profile,
@@ -334,7 +336,8 @@ def main(argv=None) -> int:
                 gpu = "-" if times["gpu_ms"] is None else f"{times['gpu_ms']:.2f}"
                 print(f"  {phase:9s} GPU {gpu:>8s} ms   host {times['host_ms']:8.2f} ms")
         if run.get("host_profile"):
-            print(f"--- host profile: {run['size']} {label(run['impl'], run.get('variant'))} ---\n{run['host_profile']}")
+            print(f"--- host profile: {run['size']} {label(run['impl'], run.get('variant'))} ---")
+            print(run["host_profile"])
     print(render_text(meta, runs, baselines))
     if opts.markdown:
         print()

@@ -125,14 +125,19 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 30
     by_category: Counter = Counter()
     calls: Counter = Counter()
     by_name: Counter = Counter()
+    launches: Counter = Counter()
     for name, us in kernels:
-        by_category[kernel_category(name)] += us
-        calls[kernel_category(name)] += 1
         by_name[name] += us
+        launches[name] += 1
+    for name, us in by_name.items():  # one category lookup per distinct kernel name
+        category = kernel_category(name)
+        by_category[category] += us
+        calls[category] += launches[name]
     lines = [f"device time per step: {total / steps / 1e3:.2f} ms in {len(kernels) / steps:.0f} kernels",
              f"  {'category':22s} {'ms/step':>8s} {'share':>6s} {'kernels/step':>12s}"]
     for category, us in by_category.most_common():
-        lines.append(f"  {category:22s} {us / steps / 1e3:8.2f} {100 * us / total:5.1f}% {calls[category] / steps:12.0f}")
+        lines.append(f"  {category:22s} {us / steps / 1e3:8.2f} {100 * us / total:5.1f}% "
+                     f"{calls[category] / steps:12.0f}")
     lines.append(f"  top {top} kernels:")
     for name, us in by_name.most_common(top):
         lines.append(f"  {us / steps / 1e3:8.3f} ms  [{kernel_category(name)}] {name[:110]}")
