@@ -66,9 +66,11 @@ def build_engine(args, model, device_type: str, parallel):
                                            config=args.deepspeed_config(), mpu=parallel.deepspeed_mpu())
     skip_allreduce_without_replicas(engine, parallel)
     if type(engine.optimizer).__name__ == "BF16_Optimizer":
-        from megatron.training import bf16_grad_accumulation
+        from megatron.training import bf16_optimizer_patches
 
-        bf16_grad_accumulation.install()  # same sums, one multi-tensor add instead of ~2 launches per parameter
+        # the same gradient sums with one multi-tensor add per micro-batch, and a step that never waits
+        # for the device (the skip on a non-finite norm happens inside the fused AdamW kernel)
+        bf16_optimizer_patches.install()
     return engine
 
 

@@ -102,13 +102,20 @@ class Trainer:
         norm = self.engine.get_global_grad_norm() if self._engine_tracks_grad_norm() else self._fp32_grad_norm
         return None if norm is None else float(norm)
 
+    def _skipped_steps(self) -> int:
+        """Optimizer steps not applied: fp16 loss-scale overflows (DeepSpeed's count) plus the non-finite
+        gradient norms that the sync-free bf16 step skipped on the device (bf16_optimizer_patches)."""
+        from megatron.training.bf16_optimizer_patches import nonfinite_steps
+
+        return self.engine.skipped_steps + nonfinite_steps(self.engine.optimizer)
+
     def _log_train(self, step_seconds: float) -> None:
         loss = self._dp_mean(self._loss_sum / max(self._loss_count, 1))
         record = {
             "loss": loss,
             "lr": self.engine.get_lr()[0],
             "grad_norm": self._grad_norm(),
-            "skipped_steps": self.engine.skipped_steps,  # fp16 loss-scale overflows (DeepSpeed's count)
+            "skipped_steps": self._skipped_steps(),
             "consumed_samples": self.progress.consumed_train_samples,
         }
         record.update(self.meter.update(self.progress.iteration, step_seconds))

@@ -1,0 +1,184 @@
+"""megatron/training/bf16_optimizer_patches.py inside a real BF16_Optimizer (bf16 weights, fp32 gradient
+accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three or four steps).
+
+- Accumulation (`backward_prologue`, `update_hp_grads`): with an unfused AdamW (DeepSpeed's own step runs) the fp32 gradient
+  sums, the fp32 master weights and the bf16 weights are bit for bit DeepSpeed's, with its default
+  accumulation after backward and with `bf16.immediate_grad_update` (which keeps DeepSpeed's path), on
+  one rank and on two data-parallel ranks (the gradient all-reduce between backward and step).
+- Step (`step`, fused AdamW): with clipping active and one step whose gradients are nan, the masters and
+  weights match DeepSpeed's step to fp32 rounding (rtol 1e-5: the clip is one division instead of one
+  multiplication), the nan step changes nothing in either, and it is counted (`nonfinite_steps` ours,
+  `engine.skipped_steps` DeepSpeed's). The step reads nothing from the device: every tensor-to-host
+  conversion raises while it runs.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers.distributed import run_distributed
+
+NAN_STEP = 2
+
+
+def _engine(state, immediate: bool, fused: bool, clip: float):
+    import deepspeed
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4), nn.LayerNorm(4))
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3,
+              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": clip, "bf16": {"enabled": True, "immediate_grad_update": immediate},
+              "data_types": {"grad_accum_dtype": "fp32"}}
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=fused)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=state.deepspeed_mpu())
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+    return engine
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every way a tensor's value reaches Python raises inside this block."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor inside the optimizer step")
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        setattr(torch.Tensor, name, refuse)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip: float = 1.0, steps: int = 3,
+           nan_step: int | None = None):
+    from megatron.training import bf16_optimizer_patches
+
+    bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
+    engine = _engine(state, immediate, fused, clip)
+    generator = torch.Generator().manual_seed(1)
+    grad_sums, masters, norms = [], [], []
+    for step in range(steps):
+        for micro in range(3):
+            x = torch.randn(4, 8, generator=generator)
+            loss = engine(x.bfloat16()).float().pow(2).mean() * 20.0
+            if step == nan_step and micro == 1:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            if micro == 2:  # the fp32 sums the optimizer is about to use
+                grad_sums.append(torch.cat([g.clone() for g in engine.optimizer.fp32_groups_gradients_flat]))
+            boundary = micro == 2 and ours and fused
+            with _no_host_reads() if boundary else contextlib.nullcontext():
+                engine.step()
+        masters.append(torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]))
+        norms.append(float(engine.get_global_grad_norm()))
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    skipped = (bf16_optimizer_patches.nonfinite_steps(engine.optimizer) if ours else 0) + engine.skipped_steps
+    bf16_optimizer_patches.uninstall()
+    return {"grad_sums": grad_sums, "masters": masters, "weights": weights, "norms": norms, "skipped": skipped}
+
+
+def _check_install(rank, world_size):
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from megatron.training import bf16_optimizer_patches as patches
+
+    names = ("backward_prologue", "update_hp_grads", "step")
+    originals = [getattr(BF16_Optimizer, name) for name in names]
+    assert patches.install()
+    assert [getattr(BF16_Optimizer, name) for name in names] == [getattr(patches, name) for name in names]
+    assert patches.install()  # idempotent: the originals kept are still DeepSpeed's
+    patches.uninstall()
+    assert [getattr(BF16_Optimizer, name) for name in names] == originals
+    return "ok"
+
+
+def _check_accumulation(rank, world_size):
+    import logging
+
+    import deepspeed
+
+    from megatron import mpu
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    state = mpu.initialize_model_parallel(1)
+    for immediate in (False, True):
+        want = _train(state, ours=False, immediate=immediate)
+        got = _train(state, ours=True, immediate=immediate)
+        for name in ("grad_sums", "masters", "weights"):
+            for index, (g, w) in enumerate(zip(got[name], want[name])):
+                assert torch.equal(g, w), f"{name} [{index}] differ (immediate_grad_update={immediate})"
+        assert any(s.abs().sum() > 0 for s in got["grad_sums"]), "no gradient reached the fp32 buffer"
+    return "ok"
+
+
+def _check_data_parallel(rank, world_size):
+    import logging
+
+    import deepspeed
+
+    from megatron import mpu
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    state = mpu.initialize_model_parallel(1)
+    assert state.dp_size == 2
+    want = _train(state, ours=False)
+    got = _train(state, ours=True)
+    for name in ("grad_sums", "masters", "weights"):
+        for index, (g, w) in enumerate(zip(got[name], want[name])):
+            assert torch.equal(g, w), f"rank {rank}: {name} [{index}] differ"
+    return "ok"
+
+
+def _check_step(rank, world_size):
+    import logging
+
+    import deepspeed
+
+    from megatron import mpu
+    from megatron.training import bf16_optimizer_patches
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    state = mpu.initialize_model_parallel(1)
+    engine = _engine(state, immediate=False, fused=True, clip=1.0)
+    assert bf16_optimizer_patches.supports_sync_free_step(engine.optimizer)
+    assert not bf16_optimizer_patches.supports_sync_free_step(_engine(state, False, fused=False, clip=1.0).optimizer)
+
+    clip = 0.5
+    want = _train(state, ours=False, fused=True, clip=clip, steps=4, nan_step=NAN_STEP)
+    got = _train(state, ours=True, fused=True, clip=clip, steps=4, nan_step=NAN_STEP)
+    finite_norms = [n for i, n in enumerate(want["norms"]) if i != NAN_STEP]
+    assert max(finite_norms) > clip, f"clipping never acted (norms {finite_norms})"
+    for index, (g, w) in enumerate(zip(got["norms"], want["norms"])):
+        if index != NAN_STEP:
+            assert g == pytest.approx(w, rel=1e-5), f"grad norm of step {index}: {g} vs DeepSpeed's {w}"
+    assert got["norms"][NAN_STEP] != got["norms"][NAN_STEP]  # nan, read at log time
+    assert want["skipped"] == 1 and got["skipped"] == 1
+    for run in (got, want):  # the nan step left the masters as they were
+        assert torch.equal(run["masters"][NAN_STEP], run["masters"][NAN_STEP - 1])
+    for name in ("masters", "weights"):
+        for index, (g, w) in enumerate(zip(got[name], want[name])):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"{name} [{index}] differ")
+    assert not torch.equal(got["masters"][-1], got["masters"][0]), "the last steps did not move the weights"
+    return "ok"
+
+
+def test_install_replaces_and_restores_the_methods():
+    assert run_distributed(_check_install, 1, timeout=300) == ["ok"]
+
+
+def test_bf16_optimizer_accumulation_is_bitwise_deepspeeds():
+    assert run_distributed(_check_accumulation, 1, timeout=300) == ["ok"]
+
+
+def test_bf16_optimizer_accumulation_with_two_replicas_is_bitwise_deepspeeds():
+    assert run_distributed(_check_data_parallel, 2, timeout=300) == ["ok", "ok"]
+
+
+def test_sync_free_step_matches_deepspeeds_and_skips_nan_steps():
+    assert run_distributed(_check_step, 1, timeout=300) == ["ok"]
