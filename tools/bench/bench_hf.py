@@ -67,7 +67,7 @@ def run_hf(spec: dict, args, compiled: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = measure(step, spec["warmup"], spec["steps"], device)
+    result = measure(step, spec["warmup"], spec["steps"], device, spec.get("timing", "events"))
     if spec.get("sync_debug"):
         result["host_syncs"] = find_host_syncs(step, device)
     if spec.get("profile"):

@@ -65,7 +65,8 @@ def run_ours(spec: dict, args) -> dict:
     trainer = Trainer(args, engine, model, parallel, iterators, NullLogger(), meter, TrainProgress(),
                       sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step)
 
-    result = measure(trainer.train_step, spec["warmup"], spec["steps"], spec["device"])
+    result = measure(trainer.train_step, spec["warmup"], spec["steps"], spec["device"],
+                     spec.get("timing", "events"))
     if spec.get("sync_debug"):
         result["host_syncs"] = find_host_syncs(trainer.train_step, spec["device"])
     if spec.get("profile"):

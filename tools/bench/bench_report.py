@@ -14,6 +14,12 @@ FLOPS_FORMULA = ("FLOPs/token = 6*N + 12*L*h*s  (N = non-embedding parameters in
                  "L layers, h hidden, s seq; Megatron/PaLM accounting, activation recompute not counted)")
 
 
+TIMING_TEXT = {
+    "events": "run back to back, each timed by CUDA events on the stream",
+    "synchronized": "each timed alone, device synchronized before and after",
+}
+
+
 def label(impl: str, variant: Optional[str] = None) -> str:
     """The row name: the implementation, and for ours the `--variant` name when there are several."""
     name = IMPL_LABELS.get(impl, impl)
@@ -66,7 +72,7 @@ def header_text(meta: dict) -> str:
         f"deepspeed {env.get('deepspeed')} | transformers {env.get('transformers')}",
         f"seq {meta['seq']} x micro-batch {meta['micro_batch']} x grad-accum {meta.get('grad_accum', 1)} = "
         f"{meta['seq'] * meta['micro_batch'] * meta.get('grad_accum', 1)} tokens/step; "
-        f"median of {meta['steps']} individually timed steps (device synchronized around each) "
+        f"median of {meta['steps']} timed steps ({TIMING_TEXT[meta.get('timing', 'synchronized')]}) "
         f"after {meta['warmup']} warmup steps; peak memory since the end of warmup",
         FLOPS_FORMULA,
         f"TFLOP/s = tokens/s * FLOPs/token / 1e12;  MFU = TFLOP/s / device peak ({peak_text})",

@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "micro-batch x grad-accum sequences")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20); the median is reported")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--timing", choices=("events", "synchronized"), default="events",
+                        help="events (default): steps back to back as in training, each timed by CUDA events; "
+                             "synchronized: each step alone with the device synchronized around it (a few ms per "
+                             "step more: the queue refills at every step). CPU: host clock either way")
     parser.add_argument("--baselines", default="eager,compiled",
                         help="comma-separated subset of eager,compiled; empty for none")
     parser.add_argument("--out", help="write every number as JSON here")
@@ -267,6 +271,7 @@ def build_meta(opts, sizes, baselines, device, runs) -> dict:
         "grad_accum": opts.grad_accum,
         "steps": opts.steps,
         "warmup": opts.warmup,
+        "timing": opts.timing,
         "overrides": parse_set(opts.overrides),
         "variants": {name: extra for name, extra in parse_variants(opts.variants) if name},
         "command": " ".join([os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + sys.argv[1:]),
@@ -310,7 +315,7 @@ def main(argv=None) -> int:
         for impl, variant, job_overrides in jobs:
             spec = {"size": size, "impl": impl, "variant": variant, "device": device, "seq": opts.seq,
                     "micro_batch": opts.micro_batch, "grad_accum": opts.grad_accum, "steps": opts.steps,
-                    "warmup": opts.warmup,
+                    "warmup": opts.warmup, "timing": opts.timing,
                     "extra_steps": extra_steps, "overrides": job_overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
                     "profile": opts.profile,

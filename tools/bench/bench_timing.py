@@ -1,9 +1,20 @@
 """Timing one training step function the same way for every implementation, plus device facts.
 
 `measure(step, ...)`: `warmup` untimed steps (compilation, allocator warm-up, DeepSpeed's first-step
-setup), then `steps` steps each timed on its own with the device synchronized before and after, so a
-step's time is everything it costs (host work, data loading, kernels) and nothing of its neighbours.
-Peak memory is counted from a reset after the warmup, i.e. the steady state of training.
+setup), then `steps` timed steps, timed one of two ways:
+
+- "events" (the default): back to back, as training runs them (the trainer waits for the device only at
+  log intervals), with a CUDA event recorded on the stream between consecutive steps and one
+  synchronization at the end. Step i's time is the device-side time from the event before it to the
+  event after it: its kernels plus any time the device waited for the host (launch overhead, data
+  loading, a host read inside the step), while host work that overlaps the previous step's kernels is
+  hidden, as in training.
+- "synchronized": each step on its own, the device synchronized before and after (host clock), so a
+  step also pays for filling the empty device queue at its start: a conservative figure, a few ms per
+  step above the steady state for a host that runs ahead of the device.
+
+On CPU both are the host clock around each step (the device is the host). Peak memory is counted from a
+reset after the warmup, i.e. the steady state of training.
 
 `find_host_syncs(step)`: runs one more step under `torch.cuda.set_sync_debug_mode("warn")` and returns
 where it synchronized the host with the GPU (`.item()`, `float(tensor)`, D2H copies, `nonzero`, ...).
@@ -29,25 +40,45 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step: Callable[[], None], warmup: int, steps: int, device: str) -> dict:
+TIMINGS = ("events", "synchronized")
+
+
+def measure(step: Callable[[], None], warmup: int, steps: int, device: str, timing: str = "events") -> dict:
     """Run and time `step` (see the module docstring); returns step times and peak memory (GiB, cuda)."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     for _ in range(warmup):
         step()
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    if device == "cuda" and timing == "events":
+        times = _time_back_to_back(step, steps)
+    else:
+        times = []
+        for _ in range(steps):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
     result = {"step_times_s": times, "peak_alloc_gib": None, "peak_reserved_gib": None}
     if device == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     return result
+
+
+def _time_back_to_back(step: Callable[[], None], steps: int) -> list[float]:
+    """Seconds of device time between the CUDA events recorded before and after each of `steps` steps
+    run back to back (no synchronization until the last one is issued)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for index in range(steps):
+        step()
+        events[index + 1].record()
+    torch.cuda.synchronize()
+    return [events[i].elapsed_time(events[i + 1]) / 1000.0 for i in range(steps)]
 
 
 def _frames_of_interest(stack: list) -> list[str]:

@@ -56,6 +56,7 @@ def test_json_has_positive_throughput_and_consistent_ratio(tiny_results):
 def test_output_has_formula_table_and_markdown(tiny_results):
     _, stdout = tiny_results
     assert "FLOPs/token = 6*N + 12*L*h*s" in stdout
+    assert "median of 2 timed steps (run back to back, each timed by CUDA events on the stream)" in stdout
     assert "ours (DeepSpeed + Trainer)" in stdout and "HF GPTNeoX eager" in stdout
     assert "| tiny | ours (DeepSpeed + Trainer) [fused] |" in stdout
 
@@ -99,3 +100,24 @@ def test_bad_variant_is_a_usage_error():
         parse_variants(["no colon here"])
     with pytest.raises(ValueError, match="must differ"):
         parse_variants(["a: torch_compile=true", "a:"])
+
+
+def test_measure_rejects_an_unknown_timing():
+    from bench_timing import measure
+
+    calls = []
+    with pytest.raises(ValueError, match="timing must be one of"):
+        measure(lambda: calls.append(1), 0, 1, "cpu", timing="wallclock")
+    assert calls == []
+
+
+@pytest.mark.parametrize("timing", ["events", "synchronized"])
+def test_measure_times_each_step_on_cpu(timing):
+    import time
+
+    from bench_timing import measure
+
+    calls = []
+    result = measure(lambda: (calls.append(1), time.sleep(0.01)), 2, 3, "cpu", timing=timing)
+    assert len(calls) == 5 and len(result["step_times_s"]) == 3
+    assert all(t >= 0.01 for t in result["step_times_s"])
