@@ -175,6 +175,49 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 30
     return "\n".join(lines)
 
 
+GAP_BUCKETS_US = (10.0, 100.0)
+"""Idle gaps between kernels are reported in three buckets: < 10 us (the device's own kernel-to-kernel
+latency on a full queue), 10-100 us, and longer (the queue ran dry: the host was late)."""
+
+
+def kernel_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 8) -> str:
+    """Text summary of the device's idle time between kernels.
+
+    `kernels`: (name, start us, end us) of every kernel in `steps` steps, on any stream. A gap is the time
+    from the latest end so far to the next kernel's start (overlapping kernels leave none). Returns the
+    idle time per step by bucket (GAP_BUCKETS_US) and the `top` longest gaps with the kernel after each.
+    """
+    ordered = sorted(kernels, key=lambda kernel: kernel[1])
+    gaps = []  # (us, name of the kernel that ended the gap)
+    latest_end = None
+    for name, start, end in ordered:
+        if latest_end is not None and start > latest_end:
+            gaps.append((start - latest_end, name))
+        latest_end = end if latest_end is None else max(latest_end, end)
+    small, medium = GAP_BUCKETS_US
+    buckets = {f"< {small:.0f} us": [g for g, _ in gaps if g < small],
+               f"{small:.0f}-{medium:.0f} us": [g for g, _ in gaps if small <= g < medium],
+               f">= {medium:.0f} us": [g for g, _ in gaps if g >= medium]}
+    total = sum(g for g, _ in gaps)
+    lines = [f"device idle between kernels: {total / steps / 1e3:.2f} ms per step in {len(gaps) / steps:.0f} gaps"]
+    for label, values in buckets.items():
+        lines.append(f"  {label:>10s}: {sum(values) / steps / 1e3:6.2f} ms in {len(values) / steps:5.0f} gaps")
+    if gaps:
+        lines.append(f"  longest {min(top, len(gaps))} gaps (before kernel):")
+        for us, name in sorted(gaps, reverse=True)[:top]:
+            lines.append(f"  {us / 1e3:8.3f} ms  {name[:110]}")
+    return "\n".join(lines)
+
+
+def most_launched(kernels: list[tuple[str, float, float]], steps: int, top: int = 12) -> str:
+    """The `top` kernel names by launches per step (each launch costs the host and the device a few us)."""
+    launches = Counter(name for name, _, _ in kernels)
+    lines = [f"most launched kernels (per step, of {len(kernels) / steps:.0f}):"]
+    for name, count in launches.most_common(top):
+        lines.append(f"  {count / steps:6.0f}x  [{kernel_category(name)}] {name[:110]}")
+    return "\n".join(lines)
+
+
 def host_profile(step: Callable[[], None], steps: int = 2, top: int = 25) -> str:
     """cProfile over `steps` calls of `step`: the Python functions that take the host's time (own time,
     i.e. without callees), per step. When the host takes longer to issue a step than the GPU takes to
@@ -199,8 +242,9 @@ def host_profile(step: Callable[[], None], steps: int = 2, top: int = 25) -> str
 
 
 def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: int = 25) -> str:
-    """torch.profiler over `steps` calls of `step`. On cuda: device time per step by kernel category and
-    the top kernels (kernel_breakdown); on cpu: the top `rows` operators by self CPU time. Shows where a
+    """torch.profiler over `steps` calls of `step`, back to back. On cuda: device time per step by kernel
+    category and the top kernels (kernel_breakdown), the most launched kernels and the device's idle time
+    between kernels (kernel_gaps); on cpu: the top `rows` operators by self CPU time. Shows where a
     step's time goes."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -215,10 +259,11 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     if not cuda:
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
     # kernels only: user annotations (e.g. "Optimizer.step#AdamW.step") span kernels already counted
-    kernels = [(event.name, event.time_range.elapsed_us()) for event in prof.events()
+    kernels = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
                if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
                and "#" not in event.name]
-    return kernel_breakdown(kernels, steps)
+    durations = [(name, end - start) for name, start, end in kernels]
+    return "\n".join([kernel_breakdown(durations, steps), most_launched(kernels, steps), kernel_gaps(kernels, steps)])
 
 
 class PhaseTimedEngine:

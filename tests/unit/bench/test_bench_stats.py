@@ -114,3 +114,30 @@ def test_git_commit_names_this_checkout():
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert git_commit() in (head, head + "+dirty")
+
+
+def test_kernel_gaps_buckets_idle_time_between_kernels():
+    from bench_timing import kernel_gaps
+
+    # two steps; overlapping kernels (a second stream) leave no gap; gaps of 5 us, 50 us and 2 ms
+    kernels = [("k1", 0.0, 100.0), ("k2", 105.0, 200.0), ("nccl", 150.0, 300.0), ("k3", 350.0, 400.0),
+               ("late", 2400.0, 2500.0)]
+    text = kernel_gaps(kernels, steps=1)
+    lines = text.splitlines()
+    assert lines[0] == "device idle between kernels: 2.06 ms per step in 3 gaps"  # 5 + 50 + 2000 us
+    assert lines[1].split() == ["<", "10", "us:", "0.01", "ms", "in", "1", "gaps"]
+    assert lines[2].split() == ["10-100", "us:", "0.05", "ms", "in", "1", "gaps"]
+    assert lines[3].split() == [">=", "100", "us:", "2.00", "ms", "in", "1", "gaps"]
+    assert lines[-3].strip().startswith("2.000 ms  late")  # the longest gap first, named by the kernel after it
+    assert lines[-1].strip().startswith("0.005 ms  k2")
+
+
+def test_most_launched_counts_launches_per_step():
+    from bench_timing import most_launched
+
+    kernels = [("triton_a", 0, 1)] * 6 + [("nvjet_mm", 0, 1)] * 2
+    text = most_launched(kernels, steps=2)
+    lines = text.splitlines()
+    assert lines[0] == "most launched kernels (per step, of 4):"
+    assert lines[1].split() == ["3x", "[compiled", "(triton)]", "triton_a"]
+    assert lines[2].split() == ["1x", "[matmul]", "nvjet_mm"]
