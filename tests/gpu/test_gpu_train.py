@@ -2,8 +2,7 @@
 
 The shipped bf16 setup (bf16 weights, fp32 gradient accumulation: DeepSpeed's BF16_Optimizer at ZeRO 1,
 fused AdamW, fused cross entropy with its compiled chunk kernels) trains, and per-layer torch.compile gives
-the eager run's loss curve within bf16 rounding, also when the compiled layers replay as CUDA graphs
-(`torch_compile_mode: reduce-overhead`).
+the eager run's loss curve within bf16 rounding.
 """
 
 import math
@@ -35,7 +34,3 @@ def test_bf16_training_and_compiled_layers_follow_eager(tmp_path):
     assert eager[30] < eager[1] - 1.5, eager  # it learns
     diffs = [abs(compiled[i] - eager[i]) for i in eager]
     assert max(diffs) < 5e-2, diffs  # bf16: same math, other rounding order
-    graphs = losses(run_deepy(tmp_path, "graphs", {**BF16, "torch_compile": True, "sdpa_backend": "cudnn",
-                                                   "torch_compile_mode": "reduce-overhead"}))
-    diffs = [abs(graphs[i] - eager[i]) for i in eager]
-    assert max(diffs) < 5e-2, diffs
