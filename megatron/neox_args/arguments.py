@@ -159,6 +159,9 @@ class NeoXArgs:
             "zero_optimization": copy.deepcopy(self.parallel.zero_optimization),
             "steps_per_print": STEPS_PER_PRINT,
             "wall_clock_breakdown": False,
+            # DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and
+            # every engine.step() to time them; our ThroughputMeter reports tokens/s without waiting
+            "timers": {"throughput": {"enabled": False}},
         }
         if self.precision.data_types:
             config["data_types"] = copy.deepcopy(self.precision.data_types)

@@ -85,6 +85,7 @@ def test_deepspeed_config(rich):
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu"}}
     assert ds["steps_per_print"] >= 10**9 and ds["wall_clock_breakdown"] is False
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # its timer synchronizes the device
     assert "optimizer" not in ds and "scheduler" not in ds
     ds["zero_optimization"]["offload_optimizer"]["device"] = "nvme"
     assert rich.parallel.zero_optimization["offload_optimizer"]["device"] == "cpu"
