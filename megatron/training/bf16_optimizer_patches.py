@@ -1,8 +1,9 @@
 """Three hot paths of DeepSpeed's BF16_Optimizer without per-parameter launches or a host wait.
 
 With bf16 weights and `data_types.grad_accum_dtype: fp32` (the shipped bf16 configs) DeepSpeed 0.19 runs
-BF16_Optimizer (fp32 master weights, fp32 gradient sums). `install()` replaces two of its methods; both
-keep DeepSpeed's data layout (flat fp32 buffers, the `_hp_grad` links, the checkpoint format).
+BF16_Optimizer (fp32 master weights, fp32 gradient sums). `install()` replaces three of its methods; all
+keep DeepSpeed's data layout (flat fp32 buffers, the `_hp_grad` links, the checkpoint format). (The other
+per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepspeed_config()`.)
 
 0. `backward_prologue` runs before every micro-batch's backward. DeepSpeed's version zeroes the bf16
    parameter gradients left from the previous micro-batch (already added into the fp32 sums), so that
@@ -162,7 +163,8 @@ def step(self, closure=None) -> None:
 
 
 def nonfinite_steps(optimizer) -> int:
-    """Optimizer steps skipped so far because the gradient norm was inf or nan (reads the device)."""
+    """Optimizer steps this process skipped because the gradient norm was inf or nan (reads the device;
+    the count is not saved in checkpoints)."""
     counter = getattr(optimizer, "_nonfinite_steps", None)
     return 0 if counter is None else int(counter.item())
 
