@@ -185,27 +185,28 @@ def kernel_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 
 
     `kernels`: (name, start us, end us) of every kernel in `steps` steps, on any stream. A gap is the time
     from the latest end so far to the next kernel's start (overlapping kernels leave none). Returns the
-    idle time per step by bucket (GAP_BUCKETS_US) and the `top` longest gaps with the kernel after each.
+    idle time per step by bucket (GAP_BUCKETS_US) and the `top` longest gaps with the kernels around each.
     """
     ordered = sorted(kernels, key=lambda kernel: kernel[1])
-    gaps = []  # (us, name of the kernel that ended the gap)
-    latest_end = None
+    gaps = []  # (us, kernel that ended last before the gap, kernel that ended the gap)
+    latest_end, latest_name = None, None
     for name, start, end in ordered:
         if latest_end is not None and start > latest_end:
-            gaps.append((start - latest_end, name))
-        latest_end = end if latest_end is None else max(latest_end, end)
+            gaps.append((start - latest_end, latest_name, name))
+        if latest_end is None or end > latest_end:
+            latest_end, latest_name = end, name
     small, medium = GAP_BUCKETS_US
-    buckets = {f"< {small:.0f} us": [g for g, _ in gaps if g < small],
-               f"{small:.0f}-{medium:.0f} us": [g for g, _ in gaps if small <= g < medium],
-               f">= {medium:.0f} us": [g for g, _ in gaps if g >= medium]}
-    total = sum(g for g, _ in gaps)
+    buckets = {f"< {small:.0f} us": [g for g, _, _ in gaps if g < small],
+               f"{small:.0f}-{medium:.0f} us": [g for g, _, _ in gaps if small <= g < medium],
+               f">= {medium:.0f} us": [g for g, _, _ in gaps if g >= medium]}
+    total = sum(g for g, _, _ in gaps)
     lines = [f"device idle between kernels: {total / steps / 1e3:.2f} ms per step in {len(gaps) / steps:.0f} gaps"]
     for label, values in buckets.items():
         lines.append(f"  {label:>10s}: {sum(values) / steps / 1e3:6.2f} ms in {len(values) / steps:5.0f} gaps")
     if gaps:
-        lines.append(f"  longest {min(top, len(gaps))} gaps (before kernel):")
-        for us, name in sorted(gaps, reverse=True)[:top]:
-            lines.append(f"  {us / 1e3:8.3f} ms  {name[:110]}")
+        lines.append(f"  longest {min(top, len(gaps))} gaps (kernel after <- kernel before):")
+        for us, before, after in sorted(gaps, key=lambda gap: gap[0], reverse=True)[:top]:
+            lines.append(f"  {us / 1e3:8.3f} ms  {after[:70]} <- {before[:70]}")
     return "\n".join(lines)
 
 
