@@ -9,7 +9,8 @@ accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three 
   weights match DeepSpeed's step to fp32 rounding (rtol 1e-5: the clip is one division instead of one
   multiplication), the nan step changes nothing in either, and it is counted (`nonfinite_steps` ours,
   `engine.skipped_steps` DeepSpeed's). The step reads nothing from the device: every tensor-to-host
-  conversion raises while it runs.
+  conversion raises while it runs. On two tensor-parallel ranks (one sharded parameter, different on each
+  rank, and replicated ones counted on rank 0 only) its norm and updates match DeepSpeed's the same way.
 """
 
 import contextlib
@@ -168,6 +169,64 @@ def _check_step(rank, world_size):
     return "ok"
 
 
+class _ShardedBlock(nn.Module):
+    """A replicated linear layer and a parameter marked as a tensor-parallel shard (rank-specific values)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.replicated = nn.Linear(8, 8)
+        generator = torch.Generator().manual_seed(100 + rank)
+        self.shard = nn.Parameter(torch.randn(8, 8, generator=generator))
+        self.shard.tensor_model_parallel = True
+
+    def forward(self, x):
+        return self.replicated(x) @ self.shard
+
+
+def _train_tensor_parallel(state, rank: int, ours: bool) -> dict:
+    import deepspeed
+
+    from megatron.training import bf16_optimizer_patches
+
+    bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
+    torch.manual_seed(0)
+    module = _ShardedBlock(rank)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+              "zero_optimization": {"stage": 1}, "gradient_clipping": 0.5, "bf16": {"enabled": True},
+              "data_types": {"grad_accum_dtype": "fp32"}}
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=state.deepspeed_mpu())
+    generator = torch.Generator().manual_seed(1)  # the same batches on both tensor ranks
+    norms, masters = [], []
+    for _ in range(3):
+        for _ in range(2):
+            engine.backward(engine(torch.randn(4, 8, generator=generator).bfloat16()).float().pow(2).mean())
+            engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+        masters.append(torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]))
+    bf16_optimizer_patches.uninstall()
+    return {"norms": norms, "masters": masters}
+
+
+def _check_step_tensor_parallel(rank, world_size):
+    import logging
+
+    import deepspeed
+
+    from megatron import mpu
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    state = mpu.initialize_model_parallel(2)
+    assert state.tp_size == 2 and state.dp_size == 1
+    want = _train_tensor_parallel(state, rank, ours=False)
+    got = _train_tensor_parallel(state, rank, ours=True)
+    assert max(want["norms"]) > 0.5, f"clipping never acted (norms {want['norms']})"
+    assert got["norms"] == pytest.approx(want["norms"], rel=1e-5), (got["norms"], want["norms"])
+    for index, (g, w) in enumerate(zip(got["masters"], want["masters"])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: masters [{index}] differ")
+    return got["norms"]
+
+
 def test_install_replaces_and_restores_the_methods():
     assert run_distributed(_check_install, 1, timeout=300) == ["ok"]
 
@@ -182,3 +241,8 @@ def test_bf16_optimizer_accumulation_with_two_replicas_is_bitwise_deepspeeds():
 
 def test_sync_free_step_matches_deepspeeds_and_skips_nan_steps():
     assert run_distributed(_check_step, 1, timeout=300) == ["ok"]
+
+
+def test_sync_free_step_matches_deepspeeds_over_two_tensor_ranks():
+    norms_rank0, norms_rank1 = run_distributed(_check_step_tensor_parallel, 2, timeout=300)
+    assert norms_rank0 == norms_rank1  # one global norm: both shards and the replicated grads, counted once
