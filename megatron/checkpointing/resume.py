@@ -28,11 +28,14 @@ from megatron.checkpointing.layout import (
     TAG_PATTERN,
     CheckpointError,
     complete_tags,
+    model_states_path,
     read_latest_tag,
     rng_state_path,
     tag_for_iteration,
     torch_load,
     write_latest,
+    zero3_consolidation_message,
+    zero3_model_states_paths,
 )
 from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER
 
@@ -209,6 +212,23 @@ def load_checkpoint(engine, args) -> TrainProgress:
     _check_compatible(saved_args, args, path)
     if not finetune:
         _check_optimizer_layout(saved_args, args, path)
+    else:
+        zero3 = args.parallel.zero_optimization.get("stage", 0) == 3
+        tp_rank = engine.mpu.get_tensor_model_parallel_rank() if engine.mpu is not None else 0
+        full_weights = os.path.isfile(model_states_path(load_dir, tag, tp_rank))
+        partitions = bool(zero3_model_states_paths(load_dir, tag, tp_rank))
+        if zero3 and full_weights and not partitions:  # DeepSpeed under ZeRO-3 reads only ZeRO-3 partitions
+            from megatron.checkpointing.zero3 import load_full_state_into_zero3
+
+            state = torch_load(model_states_path(load_dir, tag, tp_rank), "model weights")["module"]
+            load_full_state_into_zero3(engine.module, state, path)
+            if hasattr(engine.optimizer, "refresh_fp32_params"):  # the optimizer's fp32 masters, as DeepSpeed
+                engine.optimizer.refresh_fp32_params()           # does after its own module-only load
+            return TrainProgress()
+        if not zero3 and partitions and not full_weights:  # ZeRO-3 partitions into an unpartitioned model
+            raise CheckpointError(f"load: finetune into zero_optimization.stage "
+                                  f"{args.parallel.zero_optimization.get('stage', 0)} from "
+                                  + zero3_consolidation_message(load_dir, tag, tp_rank))
     try:
         load_path, client_state = engine.load_checkpoint(
             load_dir, tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune,

@@ -9,6 +9,10 @@ ZeRO-3 is run with `stage3_param_persistence_threshold: 0`: with DeepSpeed's def
 parameter of this tiny model (the largest is 320 x 64) would stay replicated and nothing would be
 partitioned. With 0 every weight is partitioned, including the output projection that the fused
 cross-entropy reads outside its owning module (the checkpoint test below sees the empty local tensors).
+
+Finetuning crosses stages through the weights files: a stage-0 checkpoint (full weights) finetunes into
+ZeRO-3 with the same losses as into stage 0, and a ZeRO-3 checkpoint (partitions only) finetuned into
+stage 0 fails with the consolidation commands instead of DeepSpeed's assertion.
 """
 
 import os
@@ -119,3 +123,27 @@ def test_zero3_checkpoint_read_model_state_says_how_to_consolidate(zero3_checkpo
     assert state["layers.1.mlp.linear_fc2.weight"].shape == (64, 256)
     expected = set(rank0["module"])  # GPTModel.state_dict() keys, as DeepSpeed saved them
     assert set(state) == expected
+
+
+def test_finetune_full_weights_into_zero3_equals_finetune_into_zero0(runs, tmp_path):
+    save = str(tmp_path / "zero0_ckpt")
+    run_deepy(tmp_path, "zero0_save", {**COMMON, "zero_optimization": ZERO[0], "train_iters": 4, "save": save,
+                                       "checkpoint_factor": 4})
+    finetune = {**COMMON, "train_iters": 3, "load": save, "finetune": True}
+    into_zero0 = losses(run_deepy(tmp_path, "ft_zero0", {**finetune, "zero_optimization": ZERO[0]}))
+    into_zero3 = losses(run_deepy(tmp_path, "ft_zero3", {**finetune, "zero_optimization": ZERO[3]}))
+    fresh = runs("tied", 0)
+    assert into_zero0[1] < fresh[1] - 0.5, (into_zero0, fresh)  # the trained weights were loaded
+    assert sorted(into_zero3) == sorted(into_zero0) == [1, 2, 3]
+    for it in into_zero0:
+        assert into_zero3[it] == pytest.approx(into_zero0[it], rel=1e-5), (it, into_zero0[it], into_zero3[it])
+
+
+def test_finetune_from_zero3_partitions_into_zero0_says_how_to_consolidate(zero3_checkpoint, tmp_path):
+    save, _ = zero3_checkpoint
+    with pytest.raises(AssertionError) as err:  # run_deepy asserts a zero exit and shows the output
+        run_deepy(tmp_path, "ft_from_zero3", {**COMMON, "train_iters": 2, "load": save, "finetune": True,
+                                              "zero_optimization": ZERO[0]})
+    output = str(err.value)
+    assert "finetune into zero_optimization.stage 0 from" in output and "zero_to_fp32.py" in output, output[-2000:]
+    assert "may be corrupted" not in output
