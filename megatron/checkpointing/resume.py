@@ -212,23 +212,8 @@ def load_checkpoint(engine, args) -> TrainProgress:
     _check_compatible(saved_args, args, path)
     if not finetune:
         _check_optimizer_layout(saved_args, args, path)
-    else:
-        zero3 = args.parallel.zero_optimization.get("stage", 0) == 3
-        tp_rank = engine.mpu.get_tensor_model_parallel_rank() if engine.mpu is not None else 0
-        full_weights = os.path.isfile(model_states_path(load_dir, tag, tp_rank))
-        partitions = bool(zero3_model_states_paths(load_dir, tag, tp_rank))
-        if zero3 and full_weights and not partitions:  # DeepSpeed under ZeRO-3 reads only ZeRO-3 partitions
-            from megatron.checkpointing.zero3 import load_full_state_into_zero3
-
-            state = torch_load(model_states_path(load_dir, tag, tp_rank), "model weights")["module"]
-            load_full_state_into_zero3(engine.module, state, path)
-            if hasattr(engine.optimizer, "refresh_fp32_params"):  # the optimizer's fp32 masters, as DeepSpeed
-                engine.optimizer.refresh_fp32_params()           # does after its own module-only load
-            return TrainProgress()
-        if not zero3 and partitions and not full_weights:  # ZeRO-3 partitions into an unpartitioned model
-            raise CheckpointError(f"load: finetune into zero_optimization.stage "
-                                  f"{args.parallel.zero_optimization.get('stage', 0)} from "
-                                  + zero3_consolidation_message(load_dir, tag, tp_rank))
+    elif _load_weights_without_deepspeed(engine, args, load_dir, tag, path):
+        return TrainProgress()
     try:
         load_path, client_state = engine.load_checkpoint(
             load_dir, tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune,
@@ -243,6 +228,40 @@ def load_checkpoint(engine, args) -> TrainProgress:
         return TrainProgress()
     _restore_rng_for_rank(load_dir, tag, saved_args.derived.world_size, args.derived.world_size)
     return TrainProgress(**client_state["progress"])
+
+
+def _load_weights_without_deepspeed(engine, args, load_dir: str, tag: str, path: str) -> bool:
+    """`finetune` across the ZeRO-3 boundary, where DeepSpeed's module-only load fails; returns whether the
+    weights were loaded here (False: DeepSpeed's load applies).
+
+    DeepSpeed under ZeRO-3 reads only ZeRO-3 partition files, and elsewhere only a full
+    `mp_rank_XX_model_states.pt` carrying its own metadata. So: full weights into a ZeRO-3 model go through
+    `zero3.load_full_state_into_zero3`; a ZeRO-3 checkpoint whose partitions were consolidated (the
+    commands of `zero3_consolidation_message`) loads into an unpartitioned model with `load_state_dict`;
+    one that was not stops with those commands. Either load refreshes the optimizer's fp32 masters from the
+    new weights, as DeepSpeed does after its own module-only load.
+    """
+    from megatron.checkpointing.zero3 import check_state_matches, load_full_state_into_zero3
+
+    zero3 = args.parallel.zero_optimization.get("stage", 0) == 3
+    tp_rank = engine.mpu.get_tensor_model_parallel_rank() if engine.mpu is not None else 0
+    full_weights = os.path.isfile(model_states_path(load_dir, tag, tp_rank))
+    partitions = bool(zero3_model_states_paths(load_dir, tag, tp_rank))
+    if not zero3 and partitions and not full_weights:
+        raise CheckpointError(f"load: finetune into zero_optimization.stage "
+                              f"{args.parallel.zero_optimization.get('stage', 0)} from "
+                              + zero3_consolidation_message(load_dir, tag, tp_rank))
+    if zero3 == partitions:  # ZeRO-3 partitions into ZeRO-3, or full weights into stage 0-2: DeepSpeed's load
+        return False
+    state = torch_load(model_states_path(load_dir, tag, tp_rank), "model weights")["module"]
+    if zero3:
+        load_full_state_into_zero3(engine.module, state, path)
+    else:
+        check_state_matches(engine.module, state, path)
+        engine.module.load_state_dict(state)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+    return True
 
 
 def _restore_rng_for_rank(load_dir: str, tag: str, saved_world: int, world: int) -> None:

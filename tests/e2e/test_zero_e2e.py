@@ -12,7 +12,8 @@ cross-entropy reads outside its owning module (the checkpoint test below sees th
 
 Finetuning crosses stages through the weights files: a stage-0 checkpoint (full weights) finetunes into
 ZeRO-3 with the same losses as into stage 0, and a ZeRO-3 checkpoint (partitions only) finetuned into
-stage 0 fails with the consolidation commands instead of DeepSpeed's assertion.
+stage 0 fails with the consolidation commands instead of DeepSpeed's assertion, then, consolidated as
+they say, finetunes.
 """
 
 import os
@@ -139,11 +140,23 @@ def test_finetune_full_weights_into_zero3_equals_finetune_into_zero0(runs, tmp_p
         assert into_zero3[it] == pytest.approx(into_zero0[it], rel=1e-5), (it, into_zero0[it], into_zero3[it])
 
 
-def test_finetune_from_zero3_partitions_into_zero0_says_how_to_consolidate(zero3_checkpoint, tmp_path):
-    save, _ = zero3_checkpoint
+def test_finetune_from_zero3_into_zero0_needs_and_then_takes_the_consolidated_weights(runs, tmp_path):
+    save = str(tmp_path / "zero3_ckpt")  # its own checkpoint: another test consolidates the shared one
+    run_deepy(tmp_path, "zero3_save", {**COMMON, "zero_optimization": ZERO[3], "train_iters": 4, "save": save,
+                                       "checkpoint_factor": 4})
+    finetune = {**COMMON, "train_iters": 2, "load": save, "finetune": True, "zero_optimization": ZERO[0]}
     with pytest.raises(AssertionError) as err:  # run_deepy asserts a zero exit and shows the output
-        run_deepy(tmp_path, "ft_from_zero3", {**COMMON, "train_iters": 2, "load": save, "finetune": True,
-                                              "zero_optimization": ZERO[0]})
-    output = str(err.value)
-    assert "finetune into zero_optimization.stage 0 from" in output and "zero_to_fp32.py" in output, output[-2000:]
-    assert "may be corrupted" not in output
+        run_deepy(tmp_path, "ft_partitions", finetune)
+    message = str(err.value)
+    assert "finetune into zero_optimization.stage 0 from" in message and "zero_to_fp32.py" in message, message[-2000:]
+    assert "may be corrupted" not in message
+
+    commands = re.findall(r"`([^`]+)`", message[message.index("finetune into zero_optimization"):])
+    assert len(commands) == 2, message[-2000:]
+    for command in commands:  # the advice, as given
+        proc = subprocess.run(command.replace("<out_dir>", str(tmp_path / "consolidated")), shell=True,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (command, proc.stdout[-3000:], proc.stderr[-3000:])
+    tuned = losses(run_deepy(tmp_path, "ft_consolidated", finetune))
+    assert sorted(tuned) == [1, 2]
+    assert tuned[1] < runs("tied", 0)[1] - 0.5, tuned  # the trained weights, not a fresh model
