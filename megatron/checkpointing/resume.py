@@ -38,6 +38,7 @@ from megatron.checkpointing.layout import (
     zero3_model_states_paths,
 )
 from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER
+from megatron.checkpointing.zero3 import check_state_matches, load_full_state_into_zero3
 
 
 @dataclass
@@ -241,8 +242,6 @@ def _load_weights_without_deepspeed(engine, args, load_dir: str, tag: str, path:
     one that was not stops with those commands. Either load refreshes the optimizer's fp32 masters from the
     new weights, as DeepSpeed does after its own module-only load.
     """
-    from megatron.checkpointing.zero3 import check_state_matches, load_full_state_into_zero3
-
     zero3 = args.parallel.zero_optimization.get("stage", 0) == 3
     tp_rank = engine.mpu.get_tensor_model_parallel_rank() if engine.mpu is not None else 0
     full_weights = os.path.isfile(model_states_path(load_dir, tag, tp_rank))

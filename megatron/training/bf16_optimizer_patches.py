@@ -88,8 +88,9 @@ def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
             if lp.grad is None:
                 continue
             hp_grad = self.fp32_groups_gradients[group_index][param_index]
-            (sum_hp if has_gradient[param_index] else first_hp).append(hp_grad)
-            (sum_lp if has_gradient[param_index] else first_lp).append(lp.grad.view(hp_grad.shape))
+            hp_list, lp_list = (sum_hp, sum_lp) if has_gradient[param_index] else (first_hp, first_lp)
+            hp_list.append(hp_grad)
+            lp_list.append(lp.grad.view(hp_grad.shape))
             lp._hp_grad = hp_grad
             has_gradient[param_index] = True
         if first_hp:  # first micro-batch since the buffer was cleared: 0 + g is g, a casting copy suffices

@@ -68,8 +68,8 @@ def build_engine(args, model, device_type: str, parallel):
     if type(engine.optimizer).__name__ == "BF16_Optimizer":
         from megatron.training import bf16_optimizer_patches
 
-        # the same gradient sums with one multi-tensor add per micro-batch, and a step that never waits
-        # for the device (the skip on a non-finite norm happens inside the fused AdamW kernel)
+        # the same gradient sums with one multi-tensor copy or add per micro-batch, and a step that never
+        # waits for the device (the skip on a non-finite norm happens inside the fused AdamW kernel)
         bf16_optimizer_patches.install()
     return engine
 
