@@ -1,10 +1,12 @@
 """megatron/training/bf16_optimizer_patches.py inside a real BF16_Optimizer (bf16 weights, fp32 gradient
 accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three or four steps).
 
-- Accumulation (`backward_prologue`, `update_hp_grads`): with an unfused AdamW (DeepSpeed's own step runs) the fp32 gradient
-  sums, the fp32 master weights and the bf16 weights are bit for bit DeepSpeed's, with its default
-  accumulation after backward and with `bf16.immediate_grad_update` (which keeps DeepSpeed's path), on
-  one rank and on two data-parallel ranks (the gradient all-reduce between backward and step).
+- Accumulation (`backward_prologue`, `update_hp_grads`, `clear_hp_grads`): with an unfused AdamW
+  (DeepSpeed's own step runs) the fp32 gradient sums, the fp32 master weights and the bf16 weights are bit
+  for bit DeepSpeed's, with its default accumulation after backward and with `bf16.immediate_grad_update`
+  (which keeps DeepSpeed's path), on one rank and on two data-parallel ranks (the gradient all-reduce
+  between backward and step). A side branch skipped by whole steps and by a step's first micro-batch
+  checks that ours, which does not zero-fill the fp32 sums after a step, never reads a stale sum.
 - Step (`step`, fused AdamW): with clipping active and one step whose gradients are nan, the masters and
   weights match DeepSpeed's step to fp32 rounding (rtol 1e-5: the clip is one division instead of one
   multiplication), the nan step changes nothing in either, and it is counted (`nonfinite_steps` ours,
@@ -24,11 +26,31 @@ from tests.helpers.distributed import run_distributed
 NAN_STEP = 2
 
 
+def _uses_side(step: int, micro: int) -> bool:
+    """Which micro-batches reach the side branch: all of step 0, none of step 1 (its fp32 sum must read
+    zero, not step 0's), only the second of step 2 (no gradient at the step's first micro-batch)."""
+    return step == 0 or (step == 2 and micro == 1) or step > 2
+
+
+class _Net(nn.Module):
+    """A small MLP plus a side branch whose parameters get no gradient in the micro-batches that skip it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4), nn.LayerNorm(4))
+        self.side = nn.Linear(8, 4)
+        self.use_side = True
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + self.side(x) if self.use_side else y
+
+
 def _engine(state, immediate: bool, fused: bool, clip: float):
     import deepspeed
 
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4), nn.LayerNorm(4))
+    module = _Net()
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3,
               "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": clip, "bf16": {"enabled": True, "immediate_grad_update": immediate},
@@ -67,6 +89,7 @@ def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip
     for step in range(steps):
         for micro in range(3):
             x = torch.randn(4, 8, generator=generator)
+            engine.module.use_side = _uses_side(step, micro)
             loss = engine(x.bfloat16()).float().pow(2).mean() * 20.0
             if step == nan_step and micro == 1:
                 loss = loss * float("nan")
@@ -89,7 +112,7 @@ def _check_install(rank, world_size):
 
     from megatron.training import bf16_optimizer_patches as patches
 
-    names = ("backward_prologue", "update_hp_grads", "step")
+    names = ("backward_prologue", "update_hp_grads", "clear_hp_grads", "step")
     originals = [getattr(BF16_Optimizer, name) for name in names]
     assert patches.install()
     assert [getattr(BF16_Optimizer, name) for name in names] == [getattr(patches, name) for name in names]

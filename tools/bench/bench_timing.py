@@ -207,6 +207,17 @@ def kernel_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 
         lines.append(f"  longest {min(top, len(gaps))} gaps (kernel after <- kernel before):")
         for us, before, after in sorted(gaps, key=lambda gap: gap[0], reverse=True)[:top]:
             lines.append(f"  {us / 1e3:8.3f} ms  {after[:70]} <- {before[:70]}")
+    by_pair: Counter = Counter()
+    pair_count: Counter = Counter()
+    for us, before, after in gaps:
+        if us >= small:  # the ones the host caused, summed by where they fall (repeats show up here)
+            by_pair[(after, before)] += us
+            pair_count[(after, before)] += 1
+    if by_pair:
+        lines.append(f"  gaps >= {small:.0f} us summed by kernel pair (per step):")
+        for (after, before), us in by_pair.most_common(top):
+            lines.append(f"  {us / steps / 1e3:8.3f} ms {pair_count[(after, before)] / steps:5.1f}x  "
+                         f"{after[:60]} <- {before[:60]}")
     return "\n".join(lines)
 
 

@@ -129,9 +129,23 @@ def test_kernel_gaps_buckets_idle_time_between_kernels():
     assert lines[2].split() == ["10-100", "us:", "0.05", "ms", "in", "1", "gaps"]
     assert lines[3].split() == [">=", "100", "us:", "2.00", "ms", "in", "1", "gaps"]
     # the longest gap first, named by the kernels after and before it (the latest to end: nccl, not k2)
-    assert lines[-3].split() == ["2.000", "ms", "late", "<-", "k3"]
-    assert lines[-2].split() == ["0.050", "ms", "k3", "<-", "nccl"]
-    assert lines[-1].split() == ["0.005", "ms", "k2", "<-", "k1"]
+    assert lines[5].split() == ["2.000", "ms", "late", "<-", "k3"]
+    assert lines[6].split() == ["0.050", "ms", "k3", "<-", "nccl"]
+    assert lines[7].split() == ["0.005", "ms", "k2", "<-", "k1"]
+    # gaps of 10 us and more summed per pair of kernels: the 5 us one is left out
+    assert lines[8] == "  gaps >= 10 us summed by kernel pair (per step):"
+    assert [line.split() for line in lines[9:]] == [["2.000", "ms", "1.0x", "late", "<-", "k3"],
+                                                   ["0.050", "ms", "1.0x", "k3", "<-", "nccl"]]
+
+
+def test_kernel_gaps_sums_repeated_pairs_per_step():
+    from bench_timing import kernel_gaps
+
+    # two steps, each with a 20 us gap from a to b; one 60 us gap from b to the second step's a
+    kernels = [("a", 0.0, 10.0), ("b", 30.0, 40.0), ("a", 100.0, 110.0), ("b", 130.0, 140.0)]
+    lines = kernel_gaps(kernels, steps=2).splitlines()
+    assert [line.split() for line in lines[-2:]] == [["0.030", "ms", "0.5x", "a", "<-", "b"],
+                                                    ["0.020", "ms", "1.0x", "b", "<-", "a"]]
 
 
 def test_most_launched_counts_launches_per_step():
