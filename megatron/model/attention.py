@@ -131,12 +131,14 @@ class ParallelSelfAttention(nn.Module):
         q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, self.num_local_heads, self.head_dim)
         k = qkv[:, :, :, self.q_per_kv]  # [s, b, local_kv, d]
         v = qkv[:, :, :, self.q_per_kv + 1]  # [s, b, local_kv, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-
         if self.rotary is not None:
+            # rotated in the [s, b, heads, d] order, so new q and k are laid out like it (and so is the
+            # attention output, which cuDNN lays out like q): no copies to and from [b, heads, s, d] order
             cos, sin = self.rotary.cos_sin(s, q.device)  # [s, rotary_ndims]
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d] views
 
         dropout_p = self.attention_dropout if self.training else 0.0
         # attention probabilities belong to the local heads (sharded): their dropout draws from the

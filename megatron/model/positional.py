@@ -41,7 +41,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of each head of x `[b, heads, s, d]` with cos/sin `[s, r]`."""
+    """Rotate the first r = cos.shape[-1] dims of each head of x `[..., d]` with cos/sin broadcastable to
+    `x[..., :r]`: `[s, r]` for x `[b, heads, s, d]`, `[s, 1, 1, r]` for x `[s, b, heads, d]`."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
