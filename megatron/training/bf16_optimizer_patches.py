@@ -23,10 +23,11 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    per parameter group: a casting copy for the first micro-batch after the buffer was cleared (the
    buffer holds zeros then, and 0 + g = g), an add for the later ones:
 
-       torch._foreach_copy_(hp_grads, lp_grads)   or   torch._foreach_add_(hp_grads, lp_grads)
+       torch._foreach_copy_(hp_grads, lp_grads)   or   multi_tensor_add.add_(hp_grads, lp_grads)
 
-   the same values bit for bit (bf16 -> fp32 is exact) without the temporary fp32 copies. (torch runs the
-   mixed-dtype add one tensor at a time, at ~1 TB/s on an H100; the copy is a true multi-tensor kernel.)
+   the same values bit for bit (bf16 -> fp32 is exact) without the temporary fp32 copies. (torch's
+   `_foreach_add_` runs a mixed-dtype add one tensor at a time, at ~1 TB/s on an H100, so the add is our
+   one-launch Triton kernel on CUDA, `multi_tensor_add`; the copy is torch's multi-tensor kernel.)
    A parameter without a gradient in that first micro-batch has its sum zeroed instead, so each sum is
    written before it is read, whatever it held.
 
@@ -65,6 +66,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from megatron.training import multi_tensor_add
 
 _ORIGINAL: dict[str, Callable] = {}
 _NEEDED_ATTRIBUTES = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", "immediate_grad_update")
@@ -113,7 +116,7 @@ def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
         if first_hp:  # first gradient since the buffer was cleared: 0 + g is g, a casting copy suffices
             torch._foreach_copy_(first_hp, first_lp)
         if sum_hp:
-            torch._foreach_add_(sum_hp, sum_lp)  # fp32 += bf16, upcast inside the kernel
+            multi_tensor_add.add_(sum_hp, sum_lp)  # fp32 += bf16, upcast inside the kernel
         if no_gradient:
             torch._foreach_zero_(no_gradient)
         if clear_lp_grads:
