@@ -107,10 +107,6 @@ class TransformerLayer(nn.Module):
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
 
-CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-"""torch.compile modes that replay the compiled code as CUDA graphs."""
-
-
 class GPTModel(nn.Module):
     """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard);
     forward(tokens, labels [b, s], loss_mask [b, s] or None) -> scalar loss (mean over unmasked tokens),
@@ -119,9 +115,7 @@ class GPTModel(nn.Module):
 
     Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
-    (`mpu.random.checkpoint`, dropout masks replayed); `torch_compile` compiles each layer in place,
-    with `torch_compile_mode` (None: torch's default; "reduce-overhead": each layer's kernels replayed as
-    CUDA graphs, a new graph step marked at every forward).
+    (`mpu.random.checkpoint`, dropout masks replayed); `torch_compile` compiles each layer in place.
     """
 
     def __init__(
@@ -134,7 +128,6 @@ class GPTModel(nn.Module):
         checkpoint_activations: bool = False,
         checkpoint_num_layers: int = 1,
         torch_compile: bool = False,
-        torch_compile_mode: str | None = None,
     ):
         super().__init__()
         if precision not in DTYPES:
@@ -164,17 +157,9 @@ class GPTModel(nn.Module):
                 gather_output=False, sequence_parallel=parallel.sequence_parallel,
                 init_method=init_fn(model.init_method, model), params_dtype=dtype,
             )
-        if torch_compile_mode is not None and not torch_compile:
-            raise ValueError(f"torch_compile_mode={torch_compile_mode!r} needs torch_compile=True")
-        self.cuda_graph_layers = torch_compile and torch_compile_mode in CUDA_GRAPH_COMPILE_MODES
-        if self.cuda_graph_layers and checkpoint_activations:
-            raise ValueError(f"torch_compile_mode={torch_compile_mode!r} (CUDA graphs) with activation "
-                             f"checkpointing is not supported: the recomputation would replay the graphs inside "
-                             f"backward. Use torch_compile_mode: null, or checkpoint_activations: false.")
         if torch_compile:
             for layer in self.layers:
-                # in place: parameter names (checkpoint keys) are unchanged
-                layer.compile(**({"mode": torch_compile_mode} if torch_compile_mode else {}))
+                layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
 
     def _run_layers(self, start: int, end: int):
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +175,6 @@ class GPTModel(nn.Module):
         if self.parallel.sequence_parallel and s % self.parallel.tp_size != 0:
             raise ValueError(f"sequence_parallel needs seq_length {s} divisible by model_parallel_size "
                              f"{self.parallel.tp_size}")
-        if self.cuda_graph_layers:
-            # a new micro-batch: the graphs' outputs of the previous one are no longer read (their
-            # backward is done), so the replays may reuse that memory
-            torch.compiler.cudagraph_mark_step_begin()
         x = self.embedding(tokens)  # [s, b, h] or [s/tp, b, h]
 
         n = len(self.layers)

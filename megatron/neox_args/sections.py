@@ -288,13 +288,6 @@ class TrainingArgs:
     torch_compile: bool = False
     """torch.compile each transformer layer."""
 
-    torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
-                                         "max-autotune-no-cudagraphs"]] = None
-    """torch.compile mode of the layers (needs torch_compile; None is torch's default). "reduce-overhead"
-    replays each layer's forward and backward as CUDA graphs, removing the per-kernel launch cost where the
-    host cannot issue kernels as fast as the GPU runs them (small models, short micro-batches); it keeps
-    the graphs' activations in a private memory pool."""
-
 
 @dataclass
 class CheckpointArgs:

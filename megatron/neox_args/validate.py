@@ -174,19 +174,6 @@ def _check_grad_accum_dtype(args: Any, sources: Mapping[str, str]) -> None:
                             f"gradients; use fp32 (or drop the key).", "data_types")
 
 
-def _check_compile(args: Any, sources: Mapping[str, str]) -> None:
-    training = args.training
-    if training.torch_compile_mode is not None and not training.torch_compile:
-        raise fail(sources, f"torch_compile_mode: {training.torch_compile_mode} is set but torch_compile is false "
-                            f"{{where}}; set torch_compile: true, or drop torch_compile_mode.",
-                   "torch_compile_mode", "torch_compile")
-    if training.torch_compile_mode in ("reduce-overhead", "max-autotune") and training.checkpoint_activations:
-        raise fail(sources, f"torch_compile_mode: {training.torch_compile_mode} replays the layers as CUDA graphs, "
-                            f"which activation checkpointing cannot recompute inside backward {{where}}; set "
-                            f"checkpoint_activations: false, or torch_compile_mode: max-autotune-no-cudagraphs "
-                            f"(or null).", "torch_compile_mode", "checkpoint_activations")
-
-
 def _check_optimizer_and_schedule(args: Any, sources: Mapping[str, str]) -> None:
     betas = args.optimizer.betas
     if (len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in betas)
@@ -207,5 +194,4 @@ def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
     _check_model(args.model, sources)
     _check_parallel(args, sources)
     _check_precision(args, sources)
-    _check_compile(args, sources)
     _check_optimizer_and_schedule(args, sources)

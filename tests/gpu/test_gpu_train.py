@@ -2,8 +2,7 @@
 
 The shipped bf16 setup (bf16 weights, fp32 gradient accumulation: DeepSpeed's BF16_Optimizer at ZeRO 1,
 fused AdamW, fused cross entropy with its compiled chunk kernels) trains, and per-layer torch.compile gives
-the eager run's loss curve within bf16 rounding, also when the compiled layers replay as CUDA graphs
-(`torch_compile_mode: reduce-overhead`).
+the eager run's loss curve within bf16 rounding.
 """
 
 import math
@@ -38,11 +37,5 @@ def test_bf16_training_and_compiled_layers_follow_eager(tmp_path):
     # bf16: same math, other rounding order. The curves agree to ~1e-3 for the first steps and then wander
     # apart by up to a few 1e-2 at single steps (one H100 run at c3913e1: mean |diff| 0.004, one step at
     # 0.052 that the next step closed); a wrong compiled kernel or a lost gradient moves the whole curve.
-    assert sum(diffs.values()) / len(diffs) < 1e-2, table
-    assert max(diffs.values()) < 1e-1, table
-    graphs = losses(run_deepy(tmp_path, "graphs", {**BF16, "torch_compile": True, "sdpa_backend": "cudnn",
-                                                   "torch_compile_mode": "reduce-overhead"}))
-    diffs = {i: abs(graphs[i] - eager[i]) for i in eager}
-    table = " ".join(f"{i}:{eager[i]:.3f}/{graphs[i]:.3f}" for i in eager)  # step:eager/graphs
     assert sum(diffs.values()) / len(diffs) < 1e-2, table
     assert max(diffs.values()) < 1e-1, table

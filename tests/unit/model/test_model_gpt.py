@@ -160,29 +160,6 @@ def test_torch_compile_is_a_flag_that_keeps_keys():
     assert all(layer._compiled_call_impl is not None for layer in compiled.layers)
 
 
-def test_torch_compile_mode_reaches_the_layers_and_computes_the_same_function():
-    """The mode is passed to every layer's torch.compile; "reduce-overhead" marks a CUDA-graph step at each
-    forward (on CPU inductor runs no graphs, so this checks the wiring and the math; tests/gpu runs the
-    graphs). Tolerance: fp32, compiled vs eager kernels, 1e-5."""
-    model_args, derived = make_args()
-    torch.manual_seed(0)
-    eager = GPTModel(model_args, derived, ParallelState.single())
-    torch.manual_seed(0)
-    graphs = GPTModel(model_args, derived, ParallelState.single(), torch_compile=True,
-                      torch_compile_mode="reduce-overhead")
-    assert graphs.cuda_graph_layers and not eager.cuda_graph_layers
-    assert not GPTModel(model_args, derived, ParallelState.single(), torch_compile=True,
-                        torch_compile_mode="max-autotune-no-cudagraphs").cuda_graph_layers
-    tokens, labels, mask = _batch()
-    for _ in range(2):  # a second micro-batch replays what the first compiled
-        loss_eager, loss_graphs = eager(tokens, labels, mask), graphs(tokens, labels, mask)
-        torch.testing.assert_close(loss_graphs, loss_eager, rtol=1e-5, atol=1e-5)
-        loss_eager.backward()
-        loss_graphs.backward()
-    for (name, p_eager), p_graphs in zip(eager.named_parameters(), graphs.parameters()):
-        torch.testing.assert_close(p_graphs.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
 def test_bf16_precision_builds_bf16_params():
     model_args, derived = make_args()
     model = GPTModel(model_args, derived, ParallelState.single(), precision="bf16")
@@ -197,8 +174,3 @@ def test_bad_arguments_are_errors():
         GPTModel(model_args, derived, ParallelState.single(), precision="fp8")
     with pytest.raises(ValueError, match="checkpoint_num_layers"):
         GPTModel(model_args, derived, ParallelState.single(), checkpoint_num_layers=0)
-    with pytest.raises(ValueError, match="needs torch_compile=True"):
-        GPTModel(model_args, derived, ParallelState.single(), torch_compile_mode="reduce-overhead")
-    with pytest.raises(ValueError, match="activation checkpointing is not supported"):
-        GPTModel(model_args, derived, ParallelState.single(), torch_compile=True, torch_compile_mode="reduce-overhead",
-                 checkpoint_activations=True)
