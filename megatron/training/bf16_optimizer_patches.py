@@ -20,8 +20,8 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
 
    On the 410M model (292 parameter tensors) that is ~600 kernel launches and 11.9 ms of host time per
    micro-batch on an H100 machine (cProfile in `tools/bench --profile`). Ours is one multi-tensor kernel
-   per parameter group: a casting copy for the first micro-batch after the buffer was cleared (the
-   buffer holds zeros then, and 0 + g = g), an add for the later ones:
+   per parameter group: a casting copy for the first micro-batch after the buffer was cleared (the sum
+   is zero then, and 0 + g = g), an add for the later ones:
 
        torch._foreach_copy_(hp_grads, lp_grads)   or   multi_tensor_add.add_(hp_grads, lp_grads)
 
@@ -35,7 +35,8 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    DeepSpeed's version zero-fills the whole fp32 gradient buffer (1.6 GB on the 410M model: ~0.5 ms of
    memory bandwidth on an H100, each time). Item 1 overwrites every sum at the next step's first
    micro-batch, so ours only marks the sums as stale (`_hp_grads_stale`); the buffer is filled as before
-   where DeepSpeed's accumulation runs instead of ours (`immediate_grad_update`, expert-parallel folding).
+   where DeepSpeed's accumulation runs instead of ours (`immediate_grad_update`, expert-parallel folding),
+   and by `step` when it comes with no backward since the last one (the sums are zero then).
 
 3. `step` runs once per optimizer step. DeepSpeed's version computes the global gradient norm one
    parameter at a time (~900 launches), then reads it on the host (`is_invalid_grad_norm`) to decide
@@ -70,7 +71,8 @@ import torch
 from megatron.training import multi_tensor_add
 
 _ORIGINAL: dict[str, Callable] = {}
-_NEEDED_ATTRIBUTES = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", "immediate_grad_update")
+_NEEDED_ATTRIBUTES = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_gradients_flat", "fp32_groups_has_gradients",
+                      "immediate_grad_update")
 _STEP_ATTRIBUTES = ("get_grads_for_norm", "clip_grad", "fp32_groups_flat_partition",
                     "fp32_groups_gradient_flat_partition", "grad_acc_dtype", "update_lp_params", "clear_hp_grads",
                     "_lazy_init_hp_params_optimizer_state")
@@ -163,6 +165,10 @@ def step(self, closure=None) -> None:
     """BF16_Optimizer.step without a host read (the math is in the module docstring)."""
     if closure is not None:
         raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+    if getattr(self, "_hp_grads_stale", False):  # no backward since the last step: every sum is zero
+        for flat_gradients in self.fp32_groups_gradients_flat:
+            flat_gradients.zero_()
+        self._hp_grads_stale = False
     if not supports_sync_free_step(self):
         return _ORIGINAL["step"](self)
     self.overflow = False  # never known on the host: a non-finite step is skipped on the device instead

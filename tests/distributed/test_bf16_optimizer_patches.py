@@ -5,8 +5,9 @@ accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three 
   (DeepSpeed's own step runs) the fp32 gradient sums, the fp32 master weights and the bf16 weights are bit
   for bit DeepSpeed's, with its default accumulation after backward and with `bf16.immediate_grad_update`
   (which keeps DeepSpeed's path), on one rank and on two data-parallel ranks (the gradient all-reduce
-  between backward and step). A side branch skipped by whole steps and by a step's first micro-batch
-  checks that ours, which does not zero-fill the fp32 sums after a step, never reads a stale sum.
+  between backward and step). A side branch skipped by whole steps and by a step's first micro-batch, and
+  (with the step below) an optimizer step with no backward before it, check that ours, which does not
+  zero-fill the fp32 sums after a step, never reads a stale sum.
 - Step (`step`, fused AdamW): with clipping active and one step whose gradients are nan, the masters and
   weights match DeepSpeed's step to fp32 rounding (rtol 1e-5: the clip is one division instead of one
   multiplication), the nan step changes nothing in either, and it is counted (`nonfinite_steps` ours,
@@ -79,7 +80,7 @@ def _no_host_reads():
 
 
 def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip: float = 1.0, steps: int = 3,
-           nan_step: int | None = None):
+           nan_step: int | None = None, step_without_backward: bool = False):
     from megatron.training import bf16_optimizer_patches
 
     bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
@@ -101,10 +102,17 @@ def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip
                 engine.step()
         masters.append(torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]))
         norms.append(float(engine.get_global_grad_norm()))
+    extra = {}
+    if step_without_backward:  # the sums must read zero, not the last step's (ours no longer zero-fills them)
+        engine.optimizer.step()
+        extra = {"sums_after_step_without_backward": torch.cat(
+            [g.clone() for g in engine.optimizer.fp32_groups_gradients_flat]),
+                 "norm_after_step_without_backward": float(engine.optimizer._global_grad_norm)}
     weights = [p.detach().clone() for p in engine.module.parameters()]
     skipped = (bf16_optimizer_patches.nonfinite_steps(engine.optimizer) if ours else 0) + engine.skipped_steps
     bf16_optimizer_patches.uninstall()
-    return {"grad_sums": grad_sums, "masters": masters, "weights": weights, "norms": norms, "skipped": skipped}
+    return {"grad_sums": grad_sums, "masters": masters, "weights": weights, "norms": norms, "skipped": skipped,
+            **extra}
 
 
 def _check_install(rank, world_size):
@@ -189,6 +197,11 @@ def _check_step(rank, world_size):
         for index, (g, w) in enumerate(zip(got[name], want[name])):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"{name} [{index}] differ")
     assert not torch.equal(got["masters"][-1], got["masters"][0]), "the last steps did not move the weights"
+    # a step with no backward since the last one (DeepSpeed's own step fails there: no gradient to take a
+    # norm of) sees zero sums, not the previous step's
+    alone = _train(state, ours=True, fused=True, clip=clip, steps=2, step_without_backward=True)
+    assert alone["norm_after_step_without_backward"] == 0.0
+    assert not alone["sums_after_step_without_backward"].any()
     return "ok"
 
 
