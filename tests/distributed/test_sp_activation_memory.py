@@ -17,17 +17,17 @@ and s without it for the residual-stream rows; fp32, 4 bytes per element):
     whole buffer stays alive)                       SDPA (v)                 3E/t        3E/t
   rotated q, k (new tensors: cat of rotated part)   SDPA (q, k)              2E/t        2E/t
   rotary cos, sin  [s, rotary_ndims]                mul                      small       small
-  attention output [b, h/t heads, s, d]             SDPA (out)               E/t         E/t
+  attention output, laid out like q [s, b, h/t]:
+    linear_proj's input is a view of it             SDPA (out), linear_proj  E/t         E/t
   logsumexp [b, heads/t, s] (fp32)                  SDPA                     small       small
-  output re-laid out to [s*b, h/t]                  linear_proj              E/t         E/t
   fc1 output [s, b, 4h/t]                           gelu                     4E/t        4E/t
   gelu output                                       linear_fc2               4E/t        4E/t
 
   (*) with the OLD SP behaviour (all-gather, then F.linear) these two were the gathered [s, b, h]: E each.
 
-  sequential:      noSP = 4E + 15E/t,  SP = 19E/t   -> t=2: 11.5E vs 9.5E, ratio 0.826, saving 2E
-  gpt_j_residual:  noSP = 3E + 15E/t,  SP = 18E/t   -> t=2: 10.5E vs 9.0E, ratio 0.857, saving 1.5E
-  old SP:          sequential 10.5E (saving 1E, 50% of predicted); gpt_j 10.0E (saving 0.5E, 33%)
+  sequential:      noSP = 4E + 14E/t,  SP = 18E/t   -> t=2: 11.0E vs 9.0E, ratio 0.818, saving 2E
+  gpt_j_residual:  noSP = 3E + 14E/t,  SP = 17E/t   -> t=2: 10.0E vs 8.5E, ratio 0.850, saving 1.5E
+  old SP:          sequential 10.0E (saving 1E, 50% of predicted); gpt_j 9.5E (saving 0.5E, 33%)
 
 Korthikanti et al. 2022 (eq. 2-4, bf16 bytes per s*b*h): noSP = 10 + 24/t, SP = 34/t (t=2: 22 vs 17,
 ratio 0.773). Their 10 replicated units are 4 (two norm inputs) + 2 + 2 (the two column-parallel inputs)
@@ -35,10 +35,10 @@ ratio 0.773). Their 10 replicated units are 4 (two norm inputs) + 2 + 2 (the two
 the GELU input and output (16) once flash attention removes the s^2 terms. Without dropout (this test)
 their model gives 8 + 24/t vs 32/t (t=2: 20 vs 16, ratio 0.800), and the predicted SP saving is the
 replicated part times (1 - 1/t): 8 units = 4 fp32-elements E per layer times 1/2 = 2E (sequential).
-Our sharded part is 30/t units instead of 24/t: the rotary copies of q and k while v keeps the fused qkv
-buffer alive (+4/t) and SDPA's saved output next to the re-laid-out projection input (+2/t) -- model-side
-costs, identical with and without SP. So the ratio for our layer is 23/19 -> 0.826, within 0.03 of
-Korthikanti's no-dropout 0.800 and 0.053 above his 17/22 (dropout masks and the 6/t above).
+Our sharded part is 28/t units instead of 24/t: the rotary copies of q and k while v keeps the fused qkv
+buffer alive (+4/t) -- a model-side cost, identical with and without SP. So the ratio for our layer is
+22/18 -> 0.818, within 0.02 of Korthikanti's no-dropout 0.800 and 0.045 above his 17/22 (dropout masks and
+the 4/t above).
 
 Asserted (per rank, summed over both layers, small terms included in the exact count):
   - measured bytes == the derivation above (to 1%: an exact count today; the slack absorbs nothing large);
@@ -84,7 +84,7 @@ def expected_layer_bytes(sp: bool, gpt_j_residual: bool, old_sp: bool = False, t
     head_dim = H // HEADS
     rot = int(head_dim * ROTARY_PCT)
     big = (norm_inputs * e_res + 2 * colpar_in
-           + 3 * e_loc + 2 * e_loc + e_loc + e_loc     # qkv buffer, rotated q and k, SDPA out, proj input
+           + 3 * e_loc + 2 * e_loc + e_loc             # qkv buffer, rotated q and k, SDPA out (= proj input)
            + 2 * (S * B * FFN // t))                   # gelu input and output
     small = (2 * 2 * rows * B                          # mean, rstd of two norms
              + B * (HEADS // t) * S                    # logsumexp
