@@ -55,6 +55,7 @@ def release_cpu_shm_names() -> None:
 def build_engine(args, model, device_type: str, parallel):
     import deepspeed
 
+    from megatron.training import fp16_optimizer_init
     from megatron.training.lr_schedule import WarmupDecayLR
     from megatron.training.optimizer import build_optimizer
 
@@ -65,6 +66,9 @@ def build_engine(args, model, device_type: str, parallel):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=args.deepspeed_config(), mpu=parallel.deepspeed_mpu())
     skip_allreduce_without_replicas(engine, parallel)
+    if fp16_optimizer_init.needs_reset(engine.optimizer):
+        # DeepSpeed took an Adam step with zero gradients to build the states (off-by-one bias correction)
+        fp16_optimizer_init.reset_initialization_step(engine.optimizer)
     if type(engine.optimizer).__name__ == "BF16_Optimizer":
         from megatron.training import bf16_optimizer_patches
 
