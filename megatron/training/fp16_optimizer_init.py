@@ -14,7 +14,9 @@ m = (1 - b1) g and v = (1 - b2) g^2 after two steps, is
 
 and the difference fades over ~1/(1 - b2) steps. With SGD, the momentum buffer starts at lr-scaled weight
 decay. On the 410M model this alone made ZeRO-0 and ZeRO-1 differ by up to 0.74 in loss within 20 steps
-(docs/PERFORMANCE.md). ZeRO stages >= 1 and BF16_Optimizer build their states without a step.
+(docs/PERFORMANCE.md). ZeRO stages >= 1 and BF16_Optimizer build their states without a step (DeepSpeed
+removed the step there, deepspeedai/DeepSpeed PR 5104; Megatron-LM PR 5976 fixed the same under-update,
+1/0.744 = 1.34x, in its FSDP optimizer).
 
 `reset_initialization_step(optimizer)` puts the optimizer back as a freshly built one: the fp32 master
 weights are copied again from the low-precision weights (which that step did not touch; the masters were
