@@ -94,3 +94,21 @@ def test_fused_cross_entropy_bf16_matches_fp32():
     loss.backward()
     assert abs(loss.item() - reference.item()) / reference.item() < 1e-2
     assert _rel(hb.grad, hidden.grad) < 2e-2 and _rel(wb.grad, weight.grad) < 2e-2
+
+
+def test_fp32_output_gemm_accumulates_half_products_in_fp32():
+    """accumulate_product_fp32 on bf16 inputs: cuBLAS with an fp32 output (available on the GPU machine's
+    torch), equal to the fp32 product of the same bf16 values to fp32 GEMM rounding (rel 1e-5), and closer
+    to it than the old bf16 product + add."""
+    from megatron.mpu.fused_cross_entropy import _fp32_output_gemm_available, accumulate_product_fp32
+
+    assert _fp32_output_gemm_available()
+    a = torch.randn(4096, 2048, device="cuda").bfloat16()
+    b = torch.randn(2048, 512, device="cuda").bfloat16()
+    start = torch.randn(4096, 512, device="cuda")
+    total = start.clone()
+    accumulate_product_fp32(total, a, b)
+    exact = start + a.double() @ b.double()
+    old_way = start + (a @ b).float()
+    assert _rel(total.double(), exact) < 1e-5
+    assert _rel(total.double(), exact) < _rel(old_way.double(), exact) / 10
