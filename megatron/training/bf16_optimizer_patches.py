@@ -96,9 +96,7 @@ def _accumulates_here(self) -> bool:
 @torch.no_grad()
 def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
     """BF16_Optimizer.update_hp_grads with one multi-tensor copy or add per group (module docstring)."""
-    if self.immediate_grad_update:
-        return
-    if not _accumulates_here(self):
+    if not _accumulates_here(self):  # DeepSpeed's (which returns at once under immediate_grad_update)
         return _ORIGINAL["update_hp_grads"](self, clear_lp_grads=clear_lp_grads)
     stale = getattr(self, "_hp_grads_stale", True)  # first micro-batch since clear_hp_grads
     for group_index, group in enumerate(self.bf16_groups):
