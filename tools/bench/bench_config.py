@@ -19,6 +19,7 @@ SIZE_CONFIGS = {
     "125M": "configs/125M.yml",
     "410M": "configs/410M.yml",
     "1.3B": "configs/1-3B.yml",
+    "llama-1B": "configs/llama-1B.yml",
 }
 """Size name on the command line -> size config (relative to the repository root)."""
 
@@ -28,8 +29,12 @@ TINY_VOCAB = 1000
 """The `tiny` size's vocabulary (padded to 1024): CPU smoke tests stay fast."""
 
 
+LLAMA_VOCAB = 32768
+"""The Llama-shape benchmarks' vocabulary (a 32k SentencePiece-sized table, as in the torchtitan comparison)."""
+
+
 def vocab_for(size: str) -> int:
-    return TINY_VOCAB if size == "tiny" else GPT2_VOCAB
+    return {"tiny": TINY_VOCAB, "llama-1B": LLAMA_VOCAB}.get(size, GPT2_VOCAB)
 
 
 def config_path(size: str) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-IMPL_LABELS = {"ours": "ours (DeepSpeed + Trainer)", "eager": "HF GPTNeoX eager", "compiled": "HF GPTNeoX compiled"}
+IMPL_LABELS = {"ours": "ours (DeepSpeed + Trainer)", "eager": "HF GPTNeoX eager", "compiled": "HF GPTNeoX compiled",
+               "torchtitan": "torchtitan 0.2 llama3 compiled"}
 
 FLOPS_FORMULA = ("FLOPs/token = 6*N + 12*L*h*s  (N = non-embedding parameters incl. the output layer, "
                  "L layers, h hidden, s seq; Megatron/PaLM accounting, activation recompute not counted)")

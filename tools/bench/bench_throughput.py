@@ -11,7 +11,9 @@ the other: DeepSpeed and torch.compile keep process-wide state, and a worker tha
 It writes the synthetic dataset once, collects each worker's JSON, computes tokens/s, TFLOP/s, MFU and the
 ratios, prints a table per size and writes `--out` (after every run, so partial results survive).
 
-Implementations: "ours" (always), and the baselines "eager" / "compiled" (see bench_hf.py).
+Implementations: "ours" (always), and the baselines "eager" / "compiled" (transformers, see bench_hf.py) and
+"torchtitan" (PyTorch's trainer's Llama model and recipe, Llama-shaped configs only, when the optional
+package is installed; see bench_torchtitan.py).
 `--set key=value` overrides any config key of our side (YAML scalars; dotted keys reach nested blocks,
 e.g. `--set zero_optimization.stage=0`); the baselines take only the model shape from the config.
 `--variant "name: key=value ..."` (repeatable) runs ours once per variant, its keys on top of `--set`, so
@@ -44,7 +46,7 @@ from bench_data import ensure_synthetic_dataset, tokens_needed  # noqa: E402
 from bench_report import label, render_markdown, render_text  # noqa: E402
 from bench_stats import add_ratios, summarize_step_times, throughput  # noqa: E402
 
-BASELINES = ("eager", "compiled")
+BASELINES = ("eager", "compiled", "torchtitan")
 LOG_TAIL_LINES = 25
 
 
@@ -68,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "synchronized: each step alone with the device synchronized around it (a few ms per "
                              "step more: the queue refills at every step). CPU: host clock either way")
     parser.add_argument("--baselines", default="eager,compiled",
-                        help="comma-separated subset of eager,compiled; empty for none")
+                        help="comma-separated subset of eager,compiled,torchtitan; empty for none "
+                             "(torchtitan: Llama-shaped configs, needs the torchtitan package)")
     parser.add_argument("--out", help="write every number as JSON here")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table for docs/PERFORMANCE.md")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
@@ -151,6 +154,10 @@ def worker_main(spec: dict, result_file: str) -> int:
             from bench_ours import run_ours
 
             result.update(run_ours(spec, args))
+        elif spec["impl"] == "torchtitan":
+            from bench_torchtitan import run_torchtitan
+
+            result.update(run_torchtitan(spec, args))
         else:
             from bench_hf import run_hf
 
