@@ -100,7 +100,8 @@ class ModelArgs:
     flash-attn package (must be installed)."""
 
     sdpa_backend: Optional[Literal["flash", "cudnn", "efficient", "math"]] = None
-    """Force one SDPA backend (GPU); None lets torch choose."""
+    """Force one SDPA backend (GPU). null (the default) chooses for the device at start: cudnn on Hopper
+    GPUs for bf16/fp16 attention without dropout (measured fastest there), elsewhere torch's own choice."""
 
     fused_cross_entropy: bool = True
     """Compute the output projection and the cross-entropy loss together, chunk by chunk of tokens, with the
@@ -285,8 +286,9 @@ class TrainingArgs:
     checkpoint_num_layers: int = 1
     """Layers per checkpointed chunk."""
 
-    torch_compile: bool = False
-    """torch.compile each transformer layer."""
+    torch_compile: Optional[bool] = None
+    """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,
+    off for CPU (printed at start; megatron/training/device_defaults.py)."""
 
 
 @dataclass

@@ -115,8 +115,9 @@ def init_parallel(args):
     return device_type, parallel
 
 
-def build_model(args, parallel):
-    """The GPTModel, with the sequence-parallel gradient sums set up for the ZeRO stage in use.
+def build_model(args, parallel, device_type: str):
+    """The GPTModel, with the sequence-parallel gradient sums set up for the ZeRO stage in use, and the
+    unset `torch_compile` / `sdpa_backend` chosen for `device_type` (device_defaults.py, printed on rank 0).
 
     Returns `(model, sum_sp_grads_per_step)`: True when the trainer must sum the sequence-parallel
     gradients once per step (ZeRO stage 0); with ZeRO >= 1 tensor hooks do it (megatron/mpu/grads.py).
@@ -124,11 +125,15 @@ def build_model(args, parallel):
     from megatron.model import GPTModel
     from megatron.mpu import register_sequence_parallel_grad_hooks
     from megatron.mpu.grads import grad_sync_mode
+    from megatron.training.device_defaults import model_args_with, resolve_device_defaults
 
-    model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision,
+    choices = resolve_device_defaults(args.model, args.training, device_type, args.derived.precision)
+    if choices.reasons and parallel.rank == 0:
+        print("device defaults: " + "; ".join(choices.reasons), flush=True)
+    model = GPTModel(model_args_with(args.model, choices), args.derived, parallel, precision=args.derived.precision,
                      checkpoint_activations=args.training.checkpoint_activations,
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
-                     torch_compile=args.training.torch_compile)
+                     torch_compile=choices.torch_compile)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:
         zero_stage = args.parallel.zero_optimization.get("stage", 0)
@@ -151,7 +156,7 @@ def build_and_train(args) -> dict:
     tokenizer = build_tokenizer(args.tokenizer)
     args.set_vocab_size(tokenizer.vocab_size)
 
-    model, sum_sp_grads_per_step = build_model(args, parallel)
+    model, sum_sp_grads_per_step = build_model(args, parallel, device_type)
     engine = build_engine(args, model, device_type, parallel)
 
     progress = TrainProgress()

@@ -121,18 +121,22 @@ def build_neox_args(spec: dict):
     return args
 
 
-def describe_ours(args) -> str:
-    """Short notes on the settings of our side that change speed (ZeRO stage, checkpointing, compile, ...)."""
+def describe_ours(args, device: str) -> str:
+    """Short notes on the settings of our side that change speed (ZeRO stage, checkpointing, compile, ...),
+    with the unset keys resolved for `device` as training resolves them."""
     notes = [f"zero{args.parallel.zero_optimization.get('stage', 0)}", args.derived.precision]
     accum = args.precision.data_types.get("grad_accum_dtype")
     if accum and accum != args.derived.precision:
         notes.append(f"{accum} grad accum")
     if args.training.checkpoint_activations:
         notes.append(f"ckpt-act/{args.training.checkpoint_num_layers}")
-    if args.training.torch_compile:
+    from megatron.training.device_defaults import resolve_device_defaults
+
+    choices = resolve_device_defaults(args.model, args.training, device, args.derived.precision)
+    if choices.torch_compile:
         notes.append("compile")
-    if args.model.attention_impl != "sdpa" or args.model.sdpa_backend:
-        notes.append(args.model.sdpa_backend or args.model.attention_impl)
+    if args.model.attention_impl != "sdpa" or choices.sdpa_backend:
+        notes.append(choices.sdpa_backend or args.model.attention_impl)
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
     return ", ".join(notes)

@@ -56,7 +56,7 @@ def run_ours(spec: dict, args) -> dict:
     device_type, parallel = init_parallel(args)
     if device_type != spec["device"]:
         raise RuntimeError(f"init_distributed chose {device_type} but the benchmark asked for {spec['device']}")
-    model, sum_sp_grads_per_step = build_model(args, parallel)
+    model, sum_sp_grads_per_step = build_model(args, parallel, device_type)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(args, model, device_type, parallel)
     iterators = build_train_valid_test_data_iterators(args.data, args.training, args.derived,
@@ -76,7 +76,7 @@ def run_ours(spec: dict, args) -> dict:
     result.update({
         "tokens_per_step": args.derived.train_batch_size * args.model.seq_length,
         "params": n_params,
-        "notes": describe_ours(args),
+        "notes": describe_ours(args, spec["device"]),
     })
     del trainer, iterators, engine, model
     if torch.distributed.is_initialized():
