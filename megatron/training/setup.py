@@ -128,7 +128,7 @@ def build_model(args, parallel):
     model = GPTModel(args.model, args.derived, parallel, precision=args.derived.precision,
                      checkpoint_activations=args.training.checkpoint_activations,
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
-                     torch_compile=args.training.torch_compile)
+                     torch_compile=args.training.torch_compile, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:
         zero_stage = args.parallel.zero_optimization.get("stage", 0)
