@@ -9,9 +9,12 @@ Each table row is one `KeyRule`: our key pattern(s), HF key pattern(s) (`{i}` is
 pair of transforms (ours -> HF, HF -> ours) acting on the lists of tensors. A rule whose source keys are
 all absent is skipped (biases, untied heads), so one table serves every bias/tying option.
 
-Vocabulary: our embedding (and untied output head) has `padded_vocab_size` rows; `to_hf` keeps every
-row, so the HF config's `vocab_size` is the PADDED size (the extra rows are never produced by the
-tokenizer). `from_hf` accepts at most `padded_vocab_size` rows and pads missing rows with zeros.
+Vocabulary: our embedding (and untied output head) has `padded_vocab_size` rows, of which the first
+`vocab_size` are the tokenizer's; the padding rows take no probability in our softmax (megatron/mpu/
+cross_entropy.py). `to_hf` therefore keeps only the `vocab_size` real rows and the HF config's `vocab_size`
+is the real vocabulary: the HF model computes exactly our trained function (a padding row exported as a
+logit of 0 would take probability). `from_hf` accepts at most `padded_vocab_size` rows and pads missing
+rows with zeros (every HF row is a real id: an HF checkpoint's own padding rows stay in its softmax).
 
 QKV: our fused `linear_qkv` rows are grouped per key/value group, [q heads of group g, k_g, v_g]
 (see megatron/model/attention.py). With multi-head attention that is exactly HF GPT-NeoX's per-head
@@ -39,6 +42,7 @@ class Shapes:
     num_kv_heads: int
     head_dim: int
     padded_vocab_size: int
+    vocab_size: int  # the real rows (<= padded_vocab_size)
 
 
 Transform = Callable[[Tensors, Shapes], Tensors]
@@ -72,6 +76,12 @@ def pad_vocab_rows(ts: Tensors, shapes: Shapes) -> Tensors:
     if rows == padded:
         return [w]
     return [torch.cat([w, w.new_zeros(padded - rows, *w.shape[1:])], dim=0)]
+
+
+def unpad_vocab_rows(ts: Tensors, shapes: Shapes) -> Tensors:
+    """ours [padded_V, h] -> HF [V, h]: the real vocabulary rows only."""
+    (w,) = ts
+    return [w[: shapes.vocab_size]]
 
 
 def grouped_qkv_to_separate(ts: Tensors, shapes: Shapes) -> Tensors:
@@ -110,7 +120,7 @@ def _weight_and_bias(ours: str, hf: str) -> List[KeyRule]:
 # ---------------------------------------------------------------------------------------------
 
 GPT_NEOX_RULES: List[KeyRule] = [
-    _rule("embedding.word_embeddings.weight", "gpt_neox.embed_in.weight", identity, pad_vocab_rows),
+    _rule("embedding.word_embeddings.weight", "gpt_neox.embed_in.weight", unpad_vocab_rows, pad_vocab_rows),
     *_weight_and_bias("layers.{i}.input_norm", "gpt_neox.layers.{i}.input_layernorm"),
     # grouped [q_h, k_h, v_h] with one query head per group == HF's per-head interleave
     *_weight_and_bias("layers.{i}.attention.linear_qkv", "gpt_neox.layers.{i}.attention.query_key_value"),
@@ -119,11 +129,11 @@ GPT_NEOX_RULES: List[KeyRule] = [
     *_weight_and_bias("layers.{i}.mlp.linear_fc1", "gpt_neox.layers.{i}.mlp.dense_h_to_4h"),
     *_weight_and_bias("layers.{i}.mlp.linear_fc2", "gpt_neox.layers.{i}.mlp.dense_4h_to_h"),
     *_weight_and_bias("final_norm", "gpt_neox.final_layer_norm"),
-    _rule("output_layer.weight", "lm_head.weight", identity, pad_vocab_rows),
+    _rule("output_layer.weight", "lm_head.weight", unpad_vocab_rows, pad_vocab_rows),
 ]
 
 LLAMA_RULES: List[KeyRule] = [
-    _rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", identity, pad_vocab_rows),
+    _rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", unpad_vocab_rows, pad_vocab_rows),
     _rule("layers.{i}.input_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     *[
         _rule(f"layers.{{i}}.attention.linear_qkv.{p}",
@@ -137,7 +147,7 @@ LLAMA_RULES: List[KeyRule] = [
     *_weight_and_bias("layers.{i}.mlp.linear_fc1", "model.layers.{i}.mlp.up_proj"),
     *_weight_and_bias("layers.{i}.mlp.linear_fc2", "model.layers.{i}.mlp.down_proj"),
     _rule("final_norm.weight", "model.norm.weight"),
-    _rule("output_layer.weight", "lm_head.weight", identity, pad_vocab_rows),
+    _rule("output_layer.weight", "lm_head.weight", unpad_vocab_rows, pad_vocab_rows),
 ]
 
 FAMILIES: Dict[str, List[KeyRule]] = {"gpt_neox": GPT_NEOX_RULES, "llama": LLAMA_RULES}
@@ -182,7 +192,15 @@ def _shapes(model: ModelArgs, derived: DerivedArgs) -> Shapes:
         num_kv_heads=derived.num_kv_heads,
         head_dim=model.hidden_size // model.num_attention_heads,
         padded_vocab_size=derived.padded_vocab_size,
+        vocab_size=_real_vocab(derived),
     )
+
+
+def _real_vocab(derived: DerivedArgs) -> int:
+    """The tokenizer's vocabulary; every padded row when it is unknown (0), as the model does."""
+    from megatron.model.gpt import real_vocab_size
+
+    return real_vocab_size(derived)
 
 
 def _apply(rules: List[KeyRule], src: Dict[str, torch.Tensor], num_layers: int, shapes: Shapes,
@@ -238,12 +256,12 @@ def from_hf(hf_state_dict: Dict[str, torch.Tensor], model: ModelArgs, derived: D
 
 
 def hf_config(model: ModelArgs, derived: DerivedArgs):
-    """The transformers config (GPTNeoXConfig or LlamaConfig) of our model; vocab_size = padded vocab."""
+    """The transformers config (GPTNeoXConfig or LlamaConfig) of our model; vocab_size = the real vocab."""
     import transformers
 
     family = hf_family(model)
     common = dict(
-        vocab_size=derived.padded_vocab_size,
+        vocab_size=_real_vocab(derived),
         hidden_size=model.hidden_size,
         num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,

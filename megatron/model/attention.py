@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.init import init_fn
+from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.positional import RotaryEmbedding, apply_rotary
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
@@ -74,6 +74,8 @@ class ParallelSelfAttention(nn.Module):
     """x `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism) -> same shape.
 
     Each tensor rank owns `num_local_heads` query heads and `num_local_kv_heads` key/value heads.
+    `init`: the block's random source (megatron/model/init.py); default: prefix "attention" under
+    `torch.initial_seed()`.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ParallelSelfAttention(nn.Module):
         derived: DerivedArgs,
         parallel: ParallelState,
         dtype: torch.dtype = torch.float32,
+        init: WeightInit | None = None,
     ):
         super().__init__()
         tp = parallel.tp_size
@@ -111,17 +114,18 @@ class ParallelSelfAttention(nn.Module):
             RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
         )
 
+        init = init or WeightInit(resolve_init_seed(None), "attention")
         sp = parallel.sequence_parallel
         bias = model.use_bias_in_attn_linear
         self.linear_qkv = ColumnParallelLinear(
             model.hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, tp_group=parallel.tp_group,
             bias=bias, gather_output=False, sequence_parallel=sp,
-            init_method=init_fn(model.init_method, model), params_dtype=dtype,
+            init_method=init.fn(model.init_method, model, "linear_qkv.weight"), params_dtype=dtype,
         )
         self.linear_proj = RowParallelLinear(
             num_heads * self.head_dim, model.hidden_size, tp_group=parallel.tp_group,
             bias=bias, input_is_parallel=True, sequence_parallel=sp,
-            init_method=init_fn(model.output_layer_init_method, model), params_dtype=dtype,
+            init_method=init.fn(model.output_layer_init_method, model, "linear_proj.weight"), params_dtype=dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,13 @@ With labels the loss is computed in the sequence-first layout (labels and mask a
 never the logits), and by default (`fused_cross_entropy`) the output projection and the loss run chunk by
 chunk over tokens (`mpu.fused_linear_cross_entropy`): the full logits are never materialized.
 
+Initialization (megatron/model/init.py): every random weight is drawn full and unpadded from a generator
+keyed by the seed and its state-dict name in this whole model, so the same config and seed give the same
+model at any tensor/pipeline size and vocabulary padding. A pipeline stage builds the same blocks
+(`Embedding`, `TransformerLayer(layer_index=<global index>)`, `build_output_layer`) with the same seed.
+The padded vocabulary rows (ids >= derived.vocab_size, there for even TP shards) are zero, never looked up,
+and excluded from the softmax: the losses ignore them and `forward(tokens)` returns -inf for them.
+
 Tensor parallelism comes only from the mpu layers it is built from (column/row-parallel linears,
 the vocab-parallel embedding); each rank holds `num_local_heads` heads and `intermediate_size/tp` MLP
 columns. Under sequence parallelism the residual stream (embedding output, norms, dropout, residual
@@ -24,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.attention import ParallelSelfAttention
-from megatron.model.init import init_fn
+from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 from megatron.model.positional import LearnedPositionEmbedding
-from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy
+from megatron.mpu.cross_entropy import mask_padded_vocab, vocab_parallel_cross_entropy
 from megatron.mpu.fused_cross_entropy import fused_linear_cross_entropy
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel_param
@@ -49,22 +56,33 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel:
         return F.dropout(x, p=p, training=True)
 
 
-class Embedding(nn.Module):
-    """tokens [b, s] -> [s, b, h] (or this rank's sequence shard [s/tp, b, h] under SP)."""
+def real_vocab_size(derived: DerivedArgs) -> int:
+    """The tokenizer's vocabulary (ids below it are real); every padded row counts when it is unknown (0)."""
+    return derived.vocab_size if 0 < derived.vocab_size <= derived.padded_vocab_size else derived.padded_vocab_size
 
-    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype):
+
+class Embedding(nn.Module):
+    """tokens [b, s] -> [s, b, h] (or this rank's sequence shard [s/tp, b, h] under SP).
+
+    Weights keyed "embedding.word_embeddings.weight" / "embedding.position_embeddings.weight" under
+    `init_seed` (None: `torch.initial_seed()`), as in the whole model; padding rows zero."""
+
+    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype,
+                 *, init_seed: int | None = None):
         super().__init__()
         self.parallel = parallel
         self.dropout = model.hidden_dropout
-        init_method = init_fn(model.init_method, model)
+        init = WeightInit(resolve_init_seed(init_seed), "embedding")
         self.word_embeddings = VocabParallelEmbedding(
-            derived.padded_vocab_size, model.hidden_size, tp_group=parallel.tp_group, init_method=init_method,
-            sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
+            derived.padded_vocab_size, model.hidden_size, tp_group=parallel.tp_group,
+            init_method=init.fn(model.init_method, model, "word_embeddings.weight"),
+            sequence_parallel=parallel.sequence_parallel, params_dtype=dtype, vocab_size=real_vocab_size(derived),
         )
         self.position_embeddings = None
         if model.pos_emb == "learned":
             self.position_embeddings = LearnedPositionEmbedding(
-                derived.max_position_embeddings, model.hidden_size, init_method, dtype=dtype
+                derived.max_position_embeddings, model.hidden_size,
+                init.fn(model.init_method, model, "position_embeddings.weight"), dtype=dtype
             )
             if parallel.sequence_parallel:  # each rank adds only its shard's positions
                 mark_sequence_parallel_param(self.position_embeddings.weight)
@@ -82,18 +100,26 @@ class TransformerLayer(nn.Module):
 
     sequential:               x = x + attn(norm1(x));  x = x + mlp(norm2(x))
     parallel (gpt_j_residual): x = x + attn(norm1(x)) + mlp(norm2(x))
+
+    `layer_index` is the GLOBAL index of the layer in the model (0-based, whatever pipeline stage builds
+    it): its weights are keyed "layers.{layer_index}.*" under `init_seed` (None: `torch.initial_seed()`).
     """
 
-    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype):
+    def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype,
+                 *, layer_index: int, init_seed: int | None = None):
         super().__init__()
+        if not 0 <= layer_index < model.num_layers:
+            raise ValueError(f"layer_index {layer_index} must be in [0, num_layers {model.num_layers})")
+        init = WeightInit(resolve_init_seed(init_seed), f"layers.{layer_index}")
         sp = parallel.sequence_parallel
+        self.layer_index = layer_index
         self.sequence_parallel = sp
         self.gpt_j_residual = model.gpt_j_residual
         self.dropout = model.hidden_dropout
         self.input_norm = build_norm(model, sp, dtype)
-        self.attention = ParallelSelfAttention(model, derived, parallel, dtype)
+        self.attention = ParallelSelfAttention(model, derived, parallel, dtype, init.child("attention"))
         self.post_attention_norm = build_norm(model, sp, dtype)
-        self.mlp = ParallelMLP(model, derived, parallel, dtype)
+        self.mlp = ParallelMLP(model, derived, parallel, dtype, init.child("mlp"))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return hidden_dropout(x, self.dropout, self.training, self.sequence_parallel)
@@ -107,11 +133,27 @@ class TransformerLayer(nn.Module):
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
 
+def build_output_layer(model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, dtype: torch.dtype,
+                       *, init_seed: int | None = None) -> ColumnParallelLinear:
+    """The untied output head `[padded_vocab/tp, h]`, keyed "output_layer.weight"; padding rows zero."""
+    init = WeightInit(resolve_init_seed(init_seed), "output_layer")
+    return ColumnParallelLinear(
+        model.hidden_size, derived.padded_vocab_size, tp_group=parallel.tp_group, bias=False,
+        gather_output=False, sequence_parallel=parallel.sequence_parallel,
+        init_method=init.fn(model.init_method, model, "weight"), params_dtype=dtype,
+        unpadded_out_features=real_vocab_size(derived),
+    )
+
+
 class GPTModel(nn.Module):
-    """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard);
+    """forward(tokens [b, s]) -> logits [b, s, padded_vocab/tp] (this rank's vocabulary shard; -inf at the
+    padding ids >= derived.vocab_size, which take no probability);
     forward(tokens, labels [b, s], loss_mask [b, s] or None) -> scalar loss (mean over unmasked tokens),
     equal to `loss(forward(tokens), labels, loss_mask)` but without the `[b, s, vocab/tp]` logits copy
     and, with `model.fused_cross_entropy`, without materializing the logits at all.
+
+    `init_seed` (None: `torch.initial_seed()`) keys every random weight (megatron/model/init.py): the
+    initial weights depend on it and the config only, never on the tensor/pipeline layout or padding.
 
     Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
@@ -128,6 +170,7 @@ class GPTModel(nn.Module):
         checkpoint_activations: bool = False,
         checkpoint_num_layers: int = 1,
         torch_compile: bool = False,
+        init_seed: int | None = None,
     ):
         super().__init__()
         if precision not in DTYPES:
@@ -143,20 +186,19 @@ class GPTModel(nn.Module):
         self.checkpoint_num_layers = checkpoint_num_layers
         self.fused_cross_entropy = model.fused_cross_entropy
         self.cross_entropy_chunk_size = model.cross_entropy_chunk_size
+        self.vocab_size = real_vocab_size(derived)  # ids >= it are padding: no probability
+        seed = resolve_init_seed(init_seed)
 
-        self.embedding = Embedding(model, derived, parallel, dtype)
+        self.embedding = Embedding(model, derived, parallel, dtype, init_seed=seed)
         self.layers = nn.ModuleList(
-            TransformerLayer(model, derived, parallel, dtype) for _ in range(model.num_layers)
+            TransformerLayer(model, derived, parallel, dtype, layer_index=i, init_seed=seed)
+            for i in range(model.num_layers)
         )
         self.final_norm = build_norm(model, parallel.sequence_parallel, dtype)
         if self.tied:
             self.output_layer = None  # logits through embedding.word_embeddings.weight
         else:
-            self.output_layer = ColumnParallelLinear(
-                model.hidden_size, derived.padded_vocab_size, tp_group=parallel.tp_group, bias=False,
-                gather_output=False, sequence_parallel=parallel.sequence_parallel,
-                init_method=init_fn(model.init_method, model), params_dtype=dtype,
-            )
+            self.output_layer = build_output_layer(model, derived, parallel, dtype, init_seed=seed)
         if torch_compile:
             for layer in self.layers:
                 layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
@@ -186,8 +228,8 @@ class GPTModel(nn.Module):
 
         x = self.final_norm(x)
         if labels is None:
-            logits = self.output_logits(x)  # [s, b, padded_vocab/tp]
-            return logits.transpose(0, 1).contiguous()  # [b, s, padded_vocab/tp]
+            logits = mask_padded_vocab(self.output_logits(x), self.parallel.tp_rank, self.vocab_size)
+            return logits.transpose(0, 1).contiguous()  # [b, s, padded_vocab/tp], padding ids -inf
         return self.loss_from_hidden(x, labels, loss_mask)
 
     @property
@@ -222,17 +264,18 @@ class GPTModel(nn.Module):
         mask = torch.ones(labels.shape, device=labels.device) if loss_mask is None else loss_mask.t()
         mask = mask.float()
         if not self.fused_cross_entropy:
-            losses = vocab_parallel_cross_entropy(self.output_logits(x), labels, self.parallel.tp_group)  # [s, b]
+            losses = vocab_parallel_cross_entropy(self.output_logits(x), labels, self.parallel.tp_group,
+                                                  self.vocab_size)  # [s, b]
             return (losses * mask).sum() / mask.sum().clamp(min=1.0)
         h = self._output_input(x)  # [s, b, h]
         token_weights = mask / mask.sum().clamp(min=1.0)
         return fused_linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.output_weight, labels.reshape(-1), token_weights.reshape(-1),
-            self.parallel.tp_group, self.cross_entropy_chunk_size,
+            self.parallel.tp_group, self.cross_entropy_chunk_size, vocab_size=self.vocab_size,
         )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Mean vocab-parallel cross entropy over the tokens where loss_mask is nonzero (a scalar, fp32)."""
-        losses = vocab_parallel_cross_entropy(logits, labels, self.parallel.tp_group)  # [b, s]
+        losses = vocab_parallel_cross_entropy(logits, labels, self.parallel.tp_group, self.vocab_size)  # [b, s]
         mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -13,17 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.init import init_fn
+from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
 
 class ParallelMLP(nn.Module):
-    """x `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism) -> same shape."""
+    """x `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism) -> same shape.
+
+    `init`: the block's random source (megatron/model/init.py); default: prefix "mlp" under
+    `torch.initial_seed()`."""
 
     def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, init: WeightInit | None = None):
         super().__init__()
         if model.activation not in ("gelu", "relu", "swiglu"):
             raise ValueError(f"activation must be gelu, relu or swiglu, got {model.activation!r}")
@@ -33,18 +36,22 @@ class ParallelMLP(nn.Module):
                 f"{parallel.tp_size}"
             )
         self.activation = model.activation
+        init = init or WeightInit(resolve_init_seed(None), "mlp")
         column = dict(
             tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, gather_output=False,
-            sequence_parallel=parallel.sequence_parallel, init_method=init_fn(model.init_method, model),
-            params_dtype=dtype,
+            sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
         )
         h, ffn = model.hidden_size, derived.intermediate_size
-        self.linear_fc1 = ColumnParallelLinear(h, ffn, **column)
-        self.linear_gate = ColumnParallelLinear(h, ffn, **column) if self.activation == "swiglu" else None
+        self.linear_fc1 = ColumnParallelLinear(
+            h, ffn, init_method=init.fn(model.init_method, model, "linear_fc1.weight"), **column)
+        self.linear_gate = None
+        if self.activation == "swiglu":
+            self.linear_gate = ColumnParallelLinear(
+                h, ffn, init_method=init.fn(model.init_method, model, "linear_gate.weight"), **column)
         self.linear_fc2 = RowParallelLinear(
             ffn, h, tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, input_is_parallel=True,
             sequence_parallel=parallel.sequence_parallel,
-            init_method=init_fn(model.output_layer_init_method, model), params_dtype=dtype,
+            init_method=init.fn(model.output_layer_init_method, model, "linear_fc2.weight"), params_dtype=dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

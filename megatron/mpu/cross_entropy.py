@@ -9,11 +9,16 @@ Rank r holds z_r = logits[..., r*V/p : (r+1)*V/p]. For a target t, in fp32:
 
 Backward on the local shard: dloss/dz_v = softmax_v - [v == t], with softmax_v = exp(z_v - m) / S,
 times the incoming per-token gradient. Only [...]-shaped tensors cross ranks.
+
+Vocabulary padding: with `vocab_size` V_real < the padded V, the columns v >= V_real (they exist only
+so that V divides evenly over ranks) are set to -inf before the max, so exp(z_v - m) = 0: they take no
+probability, the loss is the cross entropy over the real vocabulary alone, whatever the padding (and so
+the tensor-parallel size), and their logits get a zero gradient.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,12 +26,30 @@ import torch.distributed as dist
 from .mappings import all_reduce, group_rank
 
 
+def local_real_vocab(vocab_per_rank: int, rank: int, vocab_size: Optional[int]) -> int:
+    """How many of this rank's `vocab_per_rank` columns [rank*V/p, (rank+1)*V/p) are real vocabulary ids
+    (< vocab_size; None: all of them). 0 when the shard is all padding."""
+    if vocab_size is None:
+        return vocab_per_rank
+    return max(0, min(vocab_per_rank, vocab_size - rank * vocab_per_rank))
+
+
+def mask_padded_vocab(logits: torch.Tensor, rank: int, vocab_size: Optional[int]) -> torch.Tensor:
+    """logits [..., V/p] (rank's shard) with the padding columns (global id >= vocab_size) set to -inf
+    (probability exactly 0); the same tensor when the shard has no padding. Out of place."""
+    real = local_real_vocab(logits.shape[-1], rank, vocab_size)
+    if real == logits.shape[-1]:
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= real  # [V/p]
+    return logits.masked_fill(padding, float("-inf"))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Any):
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Any, vocab_size: Optional[int]):
         input_dtype = logits.dtype
-        z = logits.float()                                                      # [..., V/p] fp32
+        z = mask_padded_vocab(logits.float(), group_rank(group), vocab_size)    # [..., V/p] fp32
         local_max = z.max(dim=-1).values                                        # [...]
         global_max = all_reduce(local_max, group, op=dist.ReduceOp.MAX)
         shifted = z - global_max.unsqueeze(-1)                                  # new tensor, [..., V/p]
@@ -55,16 +78,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         onehot_value = (~outside).to(grad.dtype).unsqueeze(-1)                  # 1 where target is local
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot_value)
         grad.mul_(grad_loss.float().unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None
+        return grad.to(ctx.input_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Any) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Any,
+                                 vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token cross entropy `[...]` (fp32) for logits `[..., V/p]` sharded over `group`.
 
-    `target` `[...]` int64 holds global vocabulary ids. Logits of any float dtype are computed in fp32.
-    With a `None` or size-1 group this is exactly `F.cross_entropy(logits.float(), target, reduction='none')`.
+    `target` `[...]` int64 holds global vocabulary ids (< vocab_size). Logits of any float dtype are
+    computed in fp32. `vocab_size` (default: every column) is the real vocabulary: padding columns take
+    no probability. With a `None` or size-1 group and no padding this is exactly
+    `F.cross_entropy(logits.float(), target, reduction='none')`; with padding, the same over
+    `logits[..., :vocab_size]`.
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits.shape)} and target "
                          f"{tuple(target.shape)} must agree on every dim but the last.")
-    return _VocabParallelCrossEntropy.apply(logits, target, group)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size)

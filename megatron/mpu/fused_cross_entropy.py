@@ -29,6 +29,10 @@ upstream scalar g, which only scales them; they are computed in forward and mult
                                                              caller's copy (all-reduce) or SP gather
                                                              (reduce-scatter), not done here.
 
+Vocabulary padding: with `vocab_size` V_real below the padded V, each chunk's logits of the padding
+columns (global id >= V_real) are set to -inf before the max, as in `cross_entropy.py`: softmax_iv = 0
+there, so L is the cross entropy over the real vocabulary and G (hence dL/dW of the padding rows) is 0.
+
 Only `[chunk]`-shaped vectors cross ranks (2 all-reduces per chunk). Works for a tied output layer
 (W = the vocab-parallel embedding weight) and an untied one (the ColumnParallelLinear weight, no bias): the
 gradient flows back to whichever Parameter is passed as `weight`, through autograd.
@@ -37,12 +41,13 @@ gradient flows back to whichever Parameter is passed as `weight`, through autogr
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .cross_entropy import local_real_vocab
 from .mappings import all_reduce, group_rank
 
 
@@ -144,10 +149,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                token_weights: torch.Tensor, group: Any, chunk_size: int, compute_grad: bool):
+                token_weights: torch.Tensor, group: Any, chunk_size: int, compute_grad: bool,
+                vocab_size: Optional[int]):
         n = hidden.shape[0]
         vocab_per_rank = weight.shape[0]
         start = group_rank(group) * vocab_per_rank
+        real = local_real_vocab(vocab_per_rank, group_rank(group), vocab_size)  # columns [real, V/p): padding
         need_h = compute_grad and ctx.needs_input_grad[0]
         need_w = compute_grad and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
@@ -160,6 +167,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hi = min(lo + chunk_size, n)
             h_c, t_c, a_c = hidden[lo:hi], target[lo:hi], token_weights[lo:hi]
             z = F.linear(h_c, weight)                                           # [c, V/p] input dtype
+            if real < vocab_per_rank:
+                z[:, real:] = float("-inf")                                     # padding: probability 0
             m = all_reduce(z.amax(dim=-1).float(), group, op=dist.ReduceOp.MAX)  # [c] (exact in bf16)
 
             outside = (t_c < start) | (t_c >= start + vocab_per_rank)           # [c]
@@ -192,11 +201,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * scale if grad_h.dtype == torch.float32 else (grad_h.float() * scale).to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * scale).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                               token_weights: torch.Tensor, group: Any, chunk_size: int = 4096) -> torch.Tensor:
+                               token_weights: torch.Tensor, group: Any, chunk_size: int = 4096,
+                               vocab_size: Optional[int] = None) -> torch.Tensor:
     """sum_i token_weights[i] * cross_entropy(hidden[i] @ W^T, target[i]), W sharded by vocabulary over `group`.
 
     hidden `[N, h]` (bf16/fp16/fp32, replicated over `group`: see the module docstring), weight `[V/p, h]` of
@@ -204,6 +214,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     mean pass loss_mask / loss_mask.sum()). Returns an fp32 scalar. The logits are computed `chunk_size`
     tokens at a time and never stored; with a `None` or size-1 group this equals
     `(F.cross_entropy((hidden @ weight.T).float(), target, reduction='none') * token_weights).sum()`.
+    `vocab_size` (default: every row of `weight`) is the real vocabulary: the padding rows take no
+    probability (the same sum with `weight[:vocab_size]`).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} must be [N, h] and weight "
@@ -218,4 +230,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, target, token_weights.detach(), group,
-                                          int(chunk_size), compute_grad)
+                                          int(chunk_size), compute_grad, vocab_size)

@@ -5,8 +5,11 @@ Activations are `[s, b, h]` (sequence first); under sequence parallelism (SP) th
 outside the tensor-parallel region are sharded along the sequence: `[s/p, b, h]`.
 
 Initialization is independent of the tensor-parallel size: each layer draws its FULL master
-weight from the default torch generator with `init_method`, then keeps its own shard, so TP=1 and
-TP=p runs built with the same seed start from identical weights.
+weight with `init_method` (the model passes keyed callables, megatron/model/init.py, so each weight has
+its own generator; the default here draws from the default torch generator), then keeps its own shard,
+so TP=1 and TP=p runs built with the same seed start from identical weights. Vocabulary padding rows
+(`VocabParallelEmbedding(vocab_size=...)`, `ColumnParallelLinear(unpadded_out_features=...)`) are not
+drawn: the master holds the unpadded rows, then zeros.
 
 Parameter attributes:
   - sharded parameters: `tensor_model_parallel = True`, `partition_dim`, `partition_stride = 1`
@@ -67,11 +70,28 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 def _init_shard_from_master(shard: torch.Tensor, full_shape: tuple, partition_dim: int,
-                            init_method: InitMethod, rank: int, world: int) -> None:
-    """Draw the full master weight (fp32, default generator) and copy chunk `rank` into `shard`."""
+                            init_method: InitMethod, rank: int, world: int,
+                            valid_rows: Optional[int] = None) -> None:
+    """Draw the full master weight (fp32) and copy chunk `rank` (along `partition_dim`) into `shard`.
+
+    With `valid_rows` < full_shape[0] only the first `valid_rows` rows are drawn (the unpadded
+    vocabulary) and the rest of the master is zero, so padding never shifts or changes a drawn value.
+    At world size 1 with an fp32 CPU shard and no padding the draw goes straight into the shard (the
+    same values, no copy)."""
+    rows = full_shape[0]
+    valid_rows = rows if valid_rows is None else valid_rows
+    if not 0 < valid_rows <= rows:
+        raise ValueError(f"valid rows {valid_rows} must be in [1, {rows}]")
     with torch.no_grad():
-        master = torch.empty(full_shape, dtype=torch.float32)
-        init_method(master)
+        if world == 1 and valid_rows == rows and shard.dtype == torch.float32 and shard.device.type == "cpu":
+            init_method(shard)
+            return
+        if valid_rows == rows:
+            master = torch.empty(full_shape, dtype=torch.float32)
+            init_method(master)
+        else:
+            master = torch.zeros(full_shape, dtype=torch.float32)
+            init_method(master[:valid_rows])  # a contiguous view: the same draw as a [valid_rows, ...] tensor
         chunk = full_shape[partition_dim] // world
         shard.copy_(master.narrow(partition_dim, rank * chunk, chunk))
 
@@ -88,12 +108,15 @@ class ColumnParallelLinear(nn.Module):
     weight gradient, re-gathered in backward (`sequence_parallel_linear`). Output `[s, b, out/p]`,
     or `[s, b, out]` with `gather_output=True` (all-gather of the last dim; not allowed with SP).
     With `skip_bias_add=True` the bias is not added: the caller adds `self.bias` (for fusions).
+    `unpadded_out_features` (the untied output layer: the real vocabulary): output rows from it on are
+    padding, zero at init and never drawn.
     """
 
     def __init__(self, in_features: int, out_features: int, *, tp_group: Any, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  init_method: InitMethod = default_init_method, skip_bias_add: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
+                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                 unpadded_out_features: Optional[int] = None):
         super().__init__()
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with "
@@ -109,7 +132,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features_per_partition, in_features,
                                                dtype=params_dtype, device=device))
         _init_shard_from_master(self.weight, (out_features, in_features), 0, init_method,
-                                self.tp_rank, self.tp_size)
+                                self.tp_rank, self.tp_size, valid_rows=unpadded_out_features)
         mark_tensor_parallel_param(self.weight, partition_dim=0)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_features_per_partition, dtype=params_dtype,
@@ -204,11 +227,14 @@ class VocabParallelEmbedding(nn.Module):
     all-reduce (output `[..., h]`), or under SP a reduce-scatter along the sequence: the input is
     then `[s, b]` tokens and the output `[s/p, b, h]`.
     Weight `[V/p, h]`, marked `tensor_model_parallel` with `partition_dim = 0`.
+    `vocab_size` (default: all rows): the real vocabulary; rows from it on are padding (zero at init,
+    never drawn; tokens never reach them, and the losses exclude them: `mpu.cross_entropy`).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group: Any,
                  init_method: InitMethod = default_init_method, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
+                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                 vocab_size: Optional[int] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_group = tp_group
@@ -219,10 +245,11 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start_index = self.tp_rank * per_partition
         self.vocab_end_index = self.vocab_start_index + per_partition
         self.num_embeddings_per_partition = per_partition
+        self.vocab_size = num_embeddings if vocab_size is None else vocab_size
 
         self.weight = nn.Parameter(torch.empty(per_partition, embedding_dim, dtype=params_dtype, device=device))
         _init_shard_from_master(self.weight, (num_embeddings, embedding_dim), 0, init_method,
-                                self.tp_rank, self.tp_size)
+                                self.tp_rank, self.tp_size, valid_rows=self.vocab_size)
         mark_tensor_parallel_param(self.weight, partition_dim=0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

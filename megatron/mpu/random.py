@@ -2,8 +2,8 @@
 
 Two streams:
   - the default torch generator (CPU, and CUDA when available), seeded with `seed` on every tensor
-    rank: used for weight init and for dropout on replicated activations, which must be identical
-    across tensor ranks;
+    rank: used for dropout on replicated activations, which must be identical across tensor ranks (the
+    weights draw from their own generators keyed by this seed: megatron/model/init.py);
   - the tracker's `model_parallel_rng` fork, seeded with `seed + 2718 + tp_rank`: used (via
     `get_rng_tracker().fork()`) for dropout on tensor-sharded activations (e.g. attention probs of
     the local heads), which must differ across tensor ranks.

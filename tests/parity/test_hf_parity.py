@@ -175,3 +175,45 @@ def test_unsupported_model_is_a_clear_error():
     ours, model_args, derived = _ours({**NEOX_OURS, "pos_emb": "learned"})
     with pytest.raises(ValueError, match="pos_emb must be rotary"):
         to_hf(ours.state_dict(), model_args, derived)
+
+
+@pytest.mark.parametrize("fields", [NEOX_OURS, {**LLAMA_OURS, "no_weight_tying": False}], ids=["neox", "llama-tied"])
+def test_export_of_a_padded_vocabulary_is_the_trained_function(fields):
+    """100 real ids padded to 128 rows (even the padding rows random here): the HF model has the 100 real
+    rows and computes our distribution exactly (log-probabilities and loss, 1e-5); back in ours the real
+    rows are bit-exact and the padding rows zero."""
+    from megatron.neox_args.sections import DerivedArgs
+
+    real = 100
+    model_args = ModelArgs(**fields)
+    derived = DerivedArgs(num_kv_heads=model_args.num_kv_heads or model_args.num_attention_heads,
+                          intermediate_size=model_args.intermediate_size, max_position_embeddings=64,
+                          vocab_size=real, padded_vocab_size=VOCAB)
+    ours = GPTModel(model_args, derived, ParallelState.single(), init_seed=5).eval()
+    _randomize(ours, 5)
+    hf_state = to_hf(ours.state_dict(), model_args, derived)
+    cfg = hf_config(model_args, derived)
+    assert cfg.vocab_size == real and hf_state["lm_head.weight"].shape[0] == real
+    cfg._attn_implementation = "eager"
+    cls = transformers.GPTNeoXForCausalLM if cfg.model_type == "gpt_neox" else transformers.LlamaForCausalLM
+    hf_model = cls(cfg).eval()
+    hf_model.load_state_dict(hf_state, strict=False)
+    hf_model.tie_weights()
+
+    tokens = _tokens(vocab=real)
+    labels = _tokens(vocab=real, seed=2)
+    with torch.no_grad():
+        ours_logp = torch.log_softmax(ours(tokens), dim=-1)  # [b, s, 128], -inf on the padding
+        hf_out = hf_model(tokens)
+        ours_loss = ours(tokens, labels, torch.ones_like(labels, dtype=torch.float32))
+    assert torch.isneginf(ours_logp[..., real:]).all()
+    torch.testing.assert_close(torch.log_softmax(hf_out.logits, dim=-1), ours_logp[..., :real], atol=ATOL, rtol=0)
+    hf_loss = torch.nn.functional.cross_entropy(hf_out.logits.reshape(-1, real), labels.reshape(-1))
+    torch.testing.assert_close(hf_loss, ours_loss, atol=ATOL, rtol=0)
+
+    back = from_hf(hf_state, model_args, derived)
+    for key, tensor in ours.state_dict().items():
+        if tensor.shape[0] == VOCAB and ("word_embeddings" in key or key.startswith("output_layer")):
+            assert torch.equal(back[key][:real], tensor[:real]) and torch.count_nonzero(back[key][real:]) == 0
+        else:
+            assert torch.equal(back[key], tensor), key

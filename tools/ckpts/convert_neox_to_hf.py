@@ -4,7 +4,8 @@
     python tools/ckpts/convert_neox_to_hf.py --load checkpoints/run1 [--tag global_step100] --output hf/run1
 
 The family follows the model config: RMSNorm/SwiGLU models become `LlamaForCausalLM`, the others
-`GPTNeoXForCausalLM` (see megatron/checkpointing/hf.py). The HF `vocab_size` is our padded vocabulary.
+`GPTNeoXForCausalLM` (see megatron/checkpointing/hf.py). The HF `vocab_size` is our real (unpadded)
+vocabulary: the padding rows take no probability in our model, so they are left out.
 A checkpoint saved with model_parallel_size > 1 is read rank by rank and its shards are merged in memory
 (megatron/checkpointing/reshard.py); nothing is written next to it. ZeRO stage 3 checkpoints must be
 consolidated first (the error says how).

@@ -163,3 +163,29 @@ def test_a_failing_compile_falls_back_to_the_eager_function_with_a_warning():
     with pytest.warns(UserWarning, match="compiling double failed .*triton not available.*running it eagerly"):
         assert wrapped(torch.ones(2)).tolist() == [2.0, 2.0]
     assert wrapped.compiled is None and wrapped(torch.ones(1)).tolist() == [2.0]
+
+
+@pytest.mark.parametrize("chunk_size", [4, 4096])
+def test_padding_rows_take_no_probability(chunk_size):
+    """vocab_size < V: both cross entropies equal F.cross_entropy over the real columns only; the padding
+    rows of W get a zero gradient (whatever their values)."""
+    from megatron.mpu import vocab_parallel_cross_entropy
+
+    real = 30
+    hidden, weight, target, mask = _inputs(seed=2)
+    target = target % real
+    h_ref, w_ref = _leaf(hidden), _leaf(weight[:real])
+    ref = _reference(h_ref, w_ref, target, mask)
+    ref.backward()
+    for fused in (True, False):
+        h, w = _leaf(hidden), _leaf(weight)
+        if fused:
+            loss = fused_linear_cross_entropy(h, w, target, mask / mask.sum(), None, chunk_size, vocab_size=real)
+        else:
+            per_token = vocab_parallel_cross_entropy(h @ w.t(), target, None, vocab_size=real)
+            loss = (per_token * mask).sum() / mask.sum()
+        loss.backward()
+        torch.testing.assert_close(loss, ref, **TOL)
+        torch.testing.assert_close(h.grad, h_ref.grad, **TOL)
+        torch.testing.assert_close(w.grad[:real], w_ref.grad, **TOL)
+        assert torch.count_nonzero(w.grad[real:]) == 0
