@@ -168,31 +168,51 @@ def vocab_divisor_for(vocab_size: int, padded_vocab_size: int, make_vocab_size_d
     return next(m for m in range(1, per_rank + 1) if per_rank % m == 0 and pads_to(m))
 
 
-def resharded_args(args, tp: int):
-    """A copy of NeoXArgs `args` for the same model at model_parallel_size `tp`: same padded vocabulary
-    (make_vocab_size_divisible_by adjusted), same data-parallel size and batch (world_size = tp x dp),
-    sequence_parallel kept only where it stays valid."""
+def resharded_args(args, tp: int, pp: int | None = None):
+    """A copy of NeoXArgs `args` for the same model at model_parallel_size `tp` (and pipe_parallel_size `pp`,
+    default unchanged): same padded vocabulary (make_vocab_size_divisible_by adjusted), same data-parallel
+    size and batch (world_size = tp x pp x dp), sequence_parallel kept only where it stays valid."""
     from megatron.neox_args import NeoXArgs
 
     old_tp = args.parallel.model_parallel_size
     check_tp_size(args.model, args.derived, tp)
+    pp = args.parallel.pipe_parallel_size if pp is None else pp
+    if pp > 1 and args.model.num_layers < pp:
+        raise ValueError(f"pipe_parallel_size {pp} is more than num_layers {args.model.num_layers}: every stage "
+                         f"needs a transformer layer")
     new = NeoXArgs.from_serialized(args.serialize())
     new.model.make_vocab_size_divisible_by = vocab_divisor_for(
         args.derived.vocab_size, args.derived.padded_vocab_size, args.model.make_vocab_size_divisible_by, old_tp, tp)
     new.parallel.model_parallel_size = tp
+    new.parallel.pipe_parallel_size = pp
     new.parallel.sequence_parallel = args.parallel.sequence_parallel and tp > 1 and args.model.seq_length % tp == 0
-    new.derived.world_size = tp * max(args.parallel.pipe_parallel_size, 1) * args.derived.data_parallel_size
+    new.derived.world_size = tp * max(pp, 1) * args.derived.data_parallel_size
     return new
 
 
 def read_merged_model_state(load_dir: str, tag: str | None = None):
-    """`(TP=1 state dict, NeoXArgs as saved)` of checkpoint `load_dir`/`tag` (default: latest), every
-    tensor-parallel rank read and merged. CheckpointError for a missing or incomplete tag, ZeRO-3."""
+    """`(TP=1, PP=1 state dict, NeoXArgs as saved)` of checkpoint `load_dir`/`tag` (default: latest), every
+    tensor-parallel rank (and pipeline stage) read and merged. CheckpointError for a missing or incomplete
+    tag, ZeRO-3."""
+    from megatron.checkpointing.pipeline_weights import read_tp_state
+
     tag = resolve_tag(load_dir, tag)
+    args = _saved_args(load_dir, tag)
+    if max(args.parallel.pipe_parallel_size, 1) > 1:
+        shards = [read_tp_state(load_dir, tag, r, args) for r in range(args.parallel.model_parallel_size)]
+        return merge_tp_shards(shards, args.model, args.derived), args
     first, args = read_model_state(load_dir, tag, tp_rank=0)
-    if args.parallel.pipe_parallel_size > 1:
-        raise CheckpointError(f"{os.path.join(load_dir, tag)} was saved with pipe_parallel_size "
-                              f"{args.parallel.pipe_parallel_size}; only tensor parallelism can be merged.")
     shards = [first] + [read_model_state(load_dir, tag, tp_rank=r)[0]
                         for r in range(1, args.parallel.model_parallel_size)]
     return merge_tp_shards(shards, args.model, args.derived), args
+
+
+def _saved_args(load_dir: str, tag: str):
+    from megatron.checkpointing.layout import CONFIG_FILE
+    from megatron.neox_args import NeoXArgs
+
+    path = os.path.join(load_dir, tag, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: this checkpoint does not carry its config.")
+    with open(path) as handle:
+        return NeoXArgs.from_serialized(handle.read())

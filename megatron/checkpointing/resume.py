@@ -37,6 +37,7 @@ from megatron.checkpointing.layout import (
     zero3_consolidation_message,
     zero3_model_states_paths,
 )
+from megatron.checkpointing.pipeline_weights import load_weights_across_layouts
 from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER
 from megatron.checkpointing.zero3 import check_state_matches, load_full_state_into_zero3
 
@@ -134,31 +135,20 @@ def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def deepspeed_optimizer_kind(args) -> str:
-    """Which DeepSpeed optimizer wrapper holds the optimizer states for this config (DeepSpeed 0.19's choice in
-    `DeepSpeedEngine._do_optimizer_sanity_check`); checkpoints of different kinds have different layouts."""
-    stage = args.parallel.zero_optimization.get("stage", 0)
-    precision = args.derived.precision
-    accum = args.precision.data_types.get("grad_accum_dtype", precision)
-    if stage == 3:
-        return "ZeRO stage 3"
-    if stage in (1, 2):
-        if precision == "bf16" and accum == "fp32" and stage == 1:
-            return "BF16_Optimizer (bf16, fp32 gradient accumulation, ZeRO 1)"
-        return "ZeRO stage 1/2"
-    return "torch optimizer" if precision == "fp32" else f"FP16_Optimizer ({precision})"
-
-
 def _check_optimizer_layout(saved_args, args, path: str) -> None:
-    """Optimizer states load only into the same DeepSpeed optimizer wrapper and precision."""
+    """Optimizer states load only into the same DeepSpeed optimizer wrapper and precision
+    (`megatron.engine.deepspeed_optimizer_kind` follows DeepSpeed's own choice of wrapper)."""
+    from megatron.engine.optimizer_kind import deepspeed_optimizer_kind
+
     saved_kind, kind = deepspeed_optimizer_kind(saved_args), deepspeed_optimizer_kind(args)
     saved_precision, precision = saved_args.derived.precision, args.derived.precision
-    if saved_kind != kind or saved_precision != precision:
+    if saved_kind.wrapper != kind.wrapper or saved_precision != precision:
         raise CheckpointError(
-            f"load: the optimizer states in {path} were written by DeepSpeed's {saved_kind} in {saved_precision}; "
-            f"this config uses {kind} in {precision} (set by bf16/fp16, data_types.grad_accum_dtype and "
-            f"zero_optimization.stage). Match those keys to the checkpoint's, or set finetune: true to load "
-            f"the weights only and start a new optimizer.")
+            f"load: the optimizer states in {path} were written by DeepSpeed's {saved_kind}; this config uses "
+            f"{kind} (DeepSpeed picks the wrapper from bf16/fp16, data_types.grad_accum_dtype, "
+            f"zero_optimization.stage, zero_optimization.offload_optimizer and pipe_parallel_size). Match those "
+            f"keys to the checkpoint's, or set finetune: true to load the weights only and start a new "
+            f"optimizer.")
 
 
 def _check_compatible(saved_args, args, path: str) -> None:
@@ -178,6 +168,10 @@ def _check_compatible(saved_args, args, path: str) -> None:
     if saved_args.parallel.model_parallel_size != args.parallel.model_parallel_size:
         diffs.append(f"model_parallel_size: checkpoint {saved_args.parallel.model_parallel_size}, config "
                      f"{args.parallel.model_parallel_size} (reshard with tools/ckpts first)")
+    saved_pp, pp = max(saved_args.parallel.pipe_parallel_size, 1), max(args.parallel.pipe_parallel_size, 1)
+    if saved_pp != pp and not args.checkpoint.finetune:
+        diffs.append(f"pipe_parallel_size: checkpoint {saved_pp}, config {pp} (optimizer states resume only at the "
+                     f"same pipeline size; finetune: true loads the weights at any pipeline size)")
     if diffs:
         raise CheckpointError(f"load: the checkpoint at {path} was written for another model shape; "
                               f"make the config match it:\n  " + "\n  ".join(diffs))
@@ -213,6 +207,8 @@ def load_checkpoint(engine, args) -> TrainProgress:
     _check_compatible(saved_args, args, path)
     if not finetune:
         _check_optimizer_layout(saved_args, args, path)
+    elif load_weights_across_layouts(engine, args, saved_args, load_dir, tag):
+        return TrainProgress()  # another pipeline size: merged and re-split here (DeepSpeed reads its own only)
     elif _load_weights_without_deepspeed(engine, args, load_dir, tag, path):
         return TrainProgress()
     try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Mapping, Optional, Sequence
 
+from megatron.engine.version import DeepSpeedVersionError, check_deepspeed_version
 from megatron.launcher.command import LaunchPlan, plan_launch
 from megatron.launcher.run_dir import resolve_run_dir, resolved_config_yaml, save_run_files
 from megatron.launcher.slurm import slurm_world_size
@@ -126,6 +127,11 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         print(plan.display(encoded))
         return 0
 
+    try:  # before any worker starts: megatron/engine was written against one DeepSpeed release
+        check_deepspeed_version()
+    except DeepSpeedVersionError as err:
+        print(f"deepy.py: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     if is_primary_launcher(args, environ):
         save_run_files(args.logging.log_dir, args, paths)
         print(f"deepy.py: run directory {args.logging.log_dir}", flush=True)

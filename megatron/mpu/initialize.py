@@ -23,6 +23,8 @@ from typing import Any, List, Optional
 
 import torch.distributed as dist
 
+from .topology import Topology
+
 
 @dataclass
 class ParallelState:
@@ -58,6 +60,11 @@ class ParallelState:
         return cls(tp_size=1, pp_size=1, dp_size=1, tp_rank=0, pp_rank=0, dp_rank=0,
                    tp_group=None, pp_group=None, dp_group=None, world_size=1, rank=0,
                    sequence_parallel=sequence_parallel)
+
+    @property
+    def topology(self) -> Topology:
+        """The degrees and rank layout (megatron/mpu/topology.py)."""
+        return Topology(tp=self.tp_size, pp=self.pp_size, dp=self.dp_size)
 
     def deepspeed_mpu(self) -> "DeepSpeedMPU":
         """The object `deepspeed.initialize(mpu=...)` expects (see `DeepSpeedMPU`)."""
@@ -156,25 +163,13 @@ def initialize_model_parallel(tp_size: int, pp_size: int = 1,
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed initialized first "
                            "(torch.distributed.init_process_group); for one process use ParallelState.single().")
-    pp_size = max(int(pp_size), 1)
-    tp_size = int(tp_size)
     world_size = dist.get_world_size()
     rank = dist.get_rank()
-    if tp_size < 1:
+    if int(tp_size) < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}.")
-    if world_size % (tp_size * pp_size) != 0:
-        raise ValueError(
-            f"world_size ({world_size}) is not divisible by tensor-parallel size ({tp_size}) x "
-            f"pipeline-parallel size ({pp_size}) = {tp_size * pp_size}: tp x pp x dp must equal the "
-            f"world size. Choose tp and pp whose product divides {world_size}.")
-    dp_size = world_size // (tp_size * pp_size)
-    assert tp_size * pp_size * dp_size == world_size
-
-    pp_rank, rest = divmod(rank, dp_size * tp_size)
-    dp_rank, tp_rank = divmod(rest, tp_size)
-
-    def rank_of(t: int, d: int, p: int) -> int:
-        return global_rank(t, d, p, tp_size, dp_size)
+    topology = Topology.for_world(world_size, int(tp_size), int(pp_size))
+    tp_size, pp_size, dp_size = topology.tp, topology.pp, topology.dp
+    tp_rank, dp_rank, pp_rank = topology.coords(rank)
 
     found = {}
 
@@ -184,12 +179,10 @@ def initialize_model_parallel(tp_size: int, pp_size: int = 1,
             if rank in ranks:
                 found[name] = (group, ranks)
 
-    build("tp", [[rank_of(t, d, p) for t in range(tp_size)] for p in range(pp_size) for d in range(dp_size)])
-    build("dp", [[rank_of(t, d, p) for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)])
-    build("pp", [[rank_of(t, d, p) for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)])
+    for axis in ("tp", "dp", "pp"):
+        build(axis, topology.groups(axis))
     if pp_size > 1:
-        build("model", [sorted(rank_of(t, d, p) for p in range(pp_size) for t in range(tp_size))
-                        for d in range(dp_size)])
+        build("model", topology.groups("model"))
     else:
         found["model"] = found["tp"]
 

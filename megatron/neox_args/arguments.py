@@ -163,6 +163,11 @@ class NeoXArgs:
             # every engine.step() to time them; our ThroughputMeter reports tokens/s without waiting
             "timers": {"throughput": {"enabled": False}},
         }
+        if self.parallel.pipe_parallel_size > 1 and self.parallel.sequence_parallel:
+            # the pipeline engine would send each tensor rank 1/tp of the stage output and all-gather it on the
+            # next stage, which assumes the activations are the same on every tensor rank; under sequence
+            # parallelism each rank holds its own sequence shard
+            config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
         if self.precision.data_types:
             config["data_types"] = copy.deepcopy(self.precision.data_types)
         if self.precision.communication_data_type is not None:

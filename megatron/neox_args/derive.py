@@ -61,9 +61,10 @@ def resolve_data_parallel_size(world_size: int, parallel: ParallelArgs, sources:
     if world_size < 1 or world_size % (tp * pp) != 0:
         raise ConfigError(
             f"world_size {world_size} is not divisible by model_parallel_size {tp} x pipe_parallel_size {pp} "
-            f"= {tp * pp} {where(sources, 'model_parallel_size', 'pipe_parallel_size')}; the data-parallel size "
-            f"must be a whole number. Use a world size (num_gpus x nodes) that is a multiple of {tp * pp}, "
-            f"or lower model_parallel_size.",
+            f"= {tp * pp} {where(sources, 'model_parallel_size', 'pipe_parallel_size')}; tp x pp x dp must equal "
+            f"the world size, and dp = {world_size} / ({tp} x {pp}) = {world_size / (tp * pp):g} is not a whole "
+            f"number. Use a world size (num_gpus x nodes) that is a multiple of {tp * pp}, or lower "
+            f"model_parallel_size or pipe_parallel_size.",
             key="model_parallel_size",
         )
     return world_size // (tp * pp)

@@ -121,7 +121,15 @@ class ParallelArgs:
     """Tensor-parallel size (Megatron column/row split of every layer)."""
 
     pipe_parallel_size: int = 0
-    """Pipeline stages (0 or 1 means no pipeline). Values above 1 are not supported yet (clear error)."""
+    """Pipeline stages (0 or 1 means no pipeline). Above 1 the model runs as DeepSpeed pipeline stages
+    (megatron/model/pipeline.py) under its PipelineEngine; needs num_layers >= pipe_parallel_size and ZeRO
+    stage 0 or 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3)."""
+
+    pipe_partition_method: Literal["type:transformer", "parameters", "uniform"] = "type:transformer"
+    """How layers are cut into pipeline stages (DeepSpeed's methods, GPT-NeoX's values): `type:transformer`
+    balances the number of transformer layers per stage (the embedding goes to the first stage, the final
+    norm and output head to the last), `parameters` balances parameter counts, `uniform` the number of
+    layers counting embedding, norm and head as layers."""
 
     sequence_parallel: bool = False
     """Megatron-style sequence parallelism: norms/dropout/residual run on a sequence shard of each

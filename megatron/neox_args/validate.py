@@ -106,9 +106,7 @@ def _check_model(model: Any, sources: Mapping[str, str]) -> None:
 
 def _check_parallel(args: Any, sources: Mapping[str, str]) -> None:
     parallel, model = args.parallel, args.model
-    if parallel.pipe_parallel_size > 1:
-        raise fail(sources, f"pipe_parallel_size: {parallel.pipe_parallel_size} {{where}}: pipeline parallelism "
-                            f"is not supported yet; set pipe_parallel_size: 1 (or 0).", "pipe_parallel_size")
+    _check_pipeline(parallel, model, sources)
     tp = parallel.model_parallel_size
     for name, value in (("num_attention_heads", model.num_attention_heads),
                         ("num_kv_heads", resolve_num_kv_heads(model)),
@@ -133,6 +131,23 @@ def _check_parallel(args: Any, sources: Mapping[str, str]) -> None:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise fail(sources, f"zero_optimization.stage: {stage!r} must be 0, 1, 2 or 3 {{where}}.",
                    "zero_optimization")
+
+
+def _check_pipeline(parallel: Any, model: Any, sources: Mapping[str, str]) -> None:
+    pp = parallel.pipe_parallel_size
+    if pp <= 1:
+        return
+    if model.num_layers < pp:
+        raise fail(sources, f"num_layers: {model.num_layers} is less than pipe_parallel_size: {pp} {{where}}; every "
+                            f"pipeline stage needs at least one transformer layer. Set pipe_parallel_size to at most "
+                            f"{model.num_layers}, or num_layers to at least {pp}.", "num_layers", "pipe_parallel_size")
+    stage = parallel.zero_optimization.get("stage", 0)
+    if stage in (2, 3):
+        raise fail(sources, f"zero_optimization.stage: {stage} with pipe_parallel_size: {pp} {{where}}: DeepSpeed's "
+                            f"pipeline engine does not support ZeRO stage 2 or 3 (it partitions gradients, which the "
+                            f"pipeline's gradient accumulation across micro-batches cannot use). Set "
+                            f"zero_optimization.stage: 1 (or 0), or pipe_parallel_size: 1.",
+                   "zero_optimization", "pipe_parallel_size")
 
 
 def _check_precision(args: Any, sources: Mapping[str, str]) -> None:

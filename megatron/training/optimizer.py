@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.engine.optimizer_kind import offloads_optimizer_to_cpu
 from megatron.neox_args.sections import OptimizerArgs
 
 
@@ -23,18 +24,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def offloads_optimizer(zero_optimization: dict) -> bool:
-    """True when the ZeRO config puts the optimizer step on the CPU."""
-    offload = zero_optimization.get("offload_optimizer") or {}
-    return zero_optimization.get("stage", 0) > 0 and offload.get("device", "none") == "cpu"
-
-
 def build_optimizer(model: torch.nn.Module, args: OptimizerArgs, zero_optimization: dict,
                     device_type: str) -> torch.optim.Optimizer:
     groups = param_groups(model, args.weight_decay)
     if args.optimizer_type == "SGD":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    if offloads_optimizer(zero_optimization):
+    if offloads_optimizer_to_cpu(zero_optimization):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, adamw_mode=True)

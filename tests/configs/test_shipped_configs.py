@@ -74,9 +74,9 @@ def test_specific_shapes():
 @pytest.mark.parametrize("name", SIZE_FILES)
 def test_bf16_size_files_accumulate_gradients_in_fp32(name):
     """Every bf16 size file uses fp32 gradient accumulation, and a ZeRO stage where DeepSpeed implements it."""
-    from megatron.checkpointing.resume import deepspeed_optimizer_kind
+    from megatron.engine import deepspeed_optimizer_kind
 
     args = _load(name, SETUP, world_size=8)
     if args.derived.precision == "bf16":
         assert args.deepspeed_config()["data_types"] == {"grad_accum_dtype": "fp32"}
-        assert deepspeed_optimizer_kind(args).startswith("BF16_Optimizer")
+        assert deepspeed_optimizer_kind(args).wrapper == "BF16_Optimizer"

@@ -1,4 +1,4 @@
-"""megatron/training/bf16_optimizer_patches.py inside a real BF16_Optimizer (bf16 weights, fp32 gradient
+"""megatron/engine/bf16_optimizer_patches.py inside a real BF16_Optimizer (bf16 weights, fp32 gradient
 accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three or four steps).
 
 - Accumulation (`backward_prologue`, `update_hp_grads`, `clear_hp_grads`): with an unfused AdamW
@@ -81,7 +81,7 @@ def _no_host_reads():
 
 def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip: float = 1.0, steps: int = 3,
            nan_step: int | None = None, step_without_backward: bool = False):
-    from megatron.training import bf16_optimizer_patches
+    from megatron.engine import bf16_optimizer_patches
 
     bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
     engine = _engine(state, immediate, fused, clip)
@@ -118,7 +118,7 @@ def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip
 def _check_install(rank, world_size):
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from megatron.training import bf16_optimizer_patches as patches
+    from megatron.engine import bf16_optimizer_patches as patches
 
     names = ("backward_prologue", "update_hp_grads", "clear_hp_grads", "step")
     originals = [getattr(BF16_Optimizer, name) for name in names]
@@ -173,7 +173,7 @@ def _check_step(rank, world_size):
     import deepspeed
 
     from megatron import mpu
-    from megatron.training import bf16_optimizer_patches
+    from megatron.engine import bf16_optimizer_patches
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     state = mpu.initialize_model_parallel(1)
@@ -222,7 +222,7 @@ class _ShardedBlock(nn.Module):
 def _train_tensor_parallel(state, rank: int, ours: bool) -> dict:
     import deepspeed
 
-    from megatron.training import bf16_optimizer_patches
+    from megatron.engine import bf16_optimizer_patches
 
     bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ def _count_synchronizations(state, config: dict) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from megatron.training import bf16_optimizer_patches
+    from megatron.engine import bf16_optimizer_patches
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))

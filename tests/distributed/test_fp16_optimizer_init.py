@@ -1,4 +1,4 @@
-"""megatron/training/fp16_optimizer_init.py inside a real DeepSpeed engine (bf16 weights, bf16 gradient sums,
+"""megatron/engine/fp16_optimizer_init.py inside a real DeepSpeed engine (bf16 weights, bf16 gradient sums,
 ZeRO 0 -> FP16_UnfusedOptimizer, torch AdamW, one gloo rank).
 
 - As DeepSpeed builds it, the inner AdamW has already taken a step (step count 1) and decayed the fp32
@@ -59,7 +59,7 @@ def _check(rank, world_size):
     import deepspeed
 
     from megatron import mpu
-    from megatron.training import fp16_optimizer_init
+    from megatron.engine import fp16_optimizer_init
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     state = mpu.initialize_model_parallel(1)

@@ -1,4 +1,4 @@
-"""`skip_allreduce_without_replicas` (megatron/training/setup.py): with one data-parallel replica the
+"""`skip_allreduce_without_replicas` (megatron/engine/build.py): with one data-parallel replica the
 engine's fallback gradient all-reduce is turned off, and training is bitwise the same as with it on in fp32
 (a sum over one rank changes no value); it stays on where a ZeRO optimizer moves the gradients in that call.
 
@@ -15,7 +15,7 @@ from tests.helpers.distributed import run_distributed
 def _train(state, zero_stage: int, bf16: bool, fp32_accum: bool, skip: bool):
     import deepspeed
 
-    from megatron.training.setup import skip_allreduce_without_replicas
+    from megatron.engine.build import skip_allreduce_without_replicas
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
@@ -58,7 +58,7 @@ def _check(rank, world_size):
     import deepspeed
 
     from megatron import mpu
-    from megatron.training.setup import skip_allreduce_without_replicas
+    from megatron.engine.build import skip_allreduce_without_replicas
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     state = mpu.initialize_model_parallel(1)
@@ -88,7 +88,7 @@ def test_single_replica_skips_the_fallback_allreduce_and_trains_bitwise_the_same
 
 
 def test_several_replicas_keep_the_allreduce():
-    from megatron.training.setup import skip_allreduce_without_replicas
+    from megatron.engine.build import skip_allreduce_without_replicas
 
     # with dp > 1 the engine is not even looked at
     assert skip_allreduce_without_replicas(engine=None, parallel=SimpleNamespace(dp_size=2)) is False

@@ -1,11 +1,11 @@
-"""megatron/training/multi_tensor_add.py's Triton kernel on the GPU: bit for bit torch's fp32 + upcast add,
+"""megatron/engine/multi_tensor_add.py's Triton kernel on the GPU: bit for bit torch's fp32 + upcast add,
 for bf16 and fp16 addends, over sizes that end inside a block, span several chunks or are empty; a call
 with tensors it cannot take (a non-contiguous one) goes to torch's foreach add and is still right."""
 
 import pytest
 import torch
 
-from megatron.training import multi_tensor_add
+from megatron.engine import multi_tensor_add
 
 pytestmark = pytest.mark.gpu
 

@@ -48,8 +48,9 @@ def run_ours(spec: dict, args) -> dict:
     """
     from megatron.checkpointing.resume import TrainProgress
     from megatron.data import build_train_valid_test_data_iterators
+    from megatron.engine import build_engine
     from megatron.training.metrics import ThroughputMeter
-    from megatron.training.setup import build_engine, build_model, init_parallel
+    from megatron.training.setup import build_model, init_parallel
     from megatron.training.trainer import Trainer
 
     single_process_env(spec.get("master_port", 29511))

@@ -6,8 +6,9 @@
 The family follows the model config: RMSNorm/SwiGLU models become `LlamaForCausalLM`, the others
 `GPTNeoXForCausalLM` (see megatron/checkpointing/hf.py). The HF `vocab_size` is our real (unpadded)
 vocabulary: the padding rows take no probability in our model, so they are left out.
-A checkpoint saved with model_parallel_size > 1 is read rank by rank and its shards are merged in memory
-(megatron/checkpointing/reshard.py); nothing is written next to it. ZeRO stage 3 checkpoints must be
+A checkpoint saved with model_parallel_size > 1 or pipe_parallel_size > 1 is read rank by rank (pipeline
+checkpoints: one file per layer spec and tensor rank, megatron/checkpointing/pipeline_weights.py) and merged
+in memory (megatron/checkpointing/reshard.py); nothing is written next to it. ZeRO stage 3 checkpoints must be
 consolidated first (the error says how).
 """
 
@@ -30,7 +31,7 @@ def convert(load: str, output: str, tag: str | None = None) -> str:
     """Write the HF model of checkpoint `load`/`tag` (default: latest) to `output`; returns `output`."""
     import transformers
 
-    state_dict, args = read_merged_model_state(load, tag=tag)  # every tensor-parallel rank, merged
+    state_dict, args = read_merged_model_state(load, tag=tag)  # every tensor rank and stage, merged
     hf_state = to_hf(state_dict, args.model, args.derived)
     config = hf_config(args.model, args.derived)
     config.dtype = next(iter(hf_state.values())).dtype

@@ -143,3 +143,22 @@ def test_resume_with_another_optimizer_layout_names_the_keys_and_finetune():
     zero1 = NeoXArgs.from_dict(dict(CONFIG, zero_optimization={"stage": 1}), world_size=1)
     zero2 = NeoXArgs.from_dict(dict(CONFIG, zero_optimization={"stage": 2}), world_size=1)
     _check_optimizer_layout(zero1, zero2, "ckpt/global_step5")  # one DeepSpeed optimizer class
+
+
+def test_resume_across_offload_optimizer_is_refused_by_our_check():
+    """bf16 + fp32 gradient sums at ZeRO 1: DeepSpeed builds BF16_Optimizer on the device but
+    DeepSpeedZeroOptimizer when the optimizer is offloaded to the CPU; the resume stops before DeepSpeed
+    reads the files (which it would report as "may be corrupted")."""
+    from megatron.checkpointing.resume import _check_optimizer_layout
+
+    on_device = dict(CONFIG, bf16={"enabled": True}, zero_optimization={"stage": 1},
+                     data_types={"grad_accum_dtype": "fp32"})
+    offloaded = dict(on_device, zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})
+    for saved, current in ((on_device, offloaded), (offloaded, on_device)):
+        with pytest.raises(CheckpointError) as err:
+            _check_optimizer_layout(NeoXArgs.from_dict(saved, world_size=1),
+                                    NeoXArgs.from_dict(current, world_size=1), "ckpt/global_step5")
+        message = str(err.value)
+        assert "BF16_Optimizer" in message and "DeepSpeedZeroOptimizer" in message
+        assert "optimizer offloaded to the CPU" in message and "zero_optimization.offload_optimizer" in message
+        assert "finetune: true" in message

@@ -1,11 +1,11 @@
-"""megatron/training/multi_tensor_add.py on CPU: the chunk table that cuts the pairs for the Triton kernel,
+"""megatron/engine/multi_tensor_add.py on CPU: the chunk table that cuts the pairs for the Triton kernel,
 and `add_` (torch's foreach add here; the kernel itself is checked bit for bit on the GPU in
 tests/gpu/test_gpu_multi_tensor_add.py)."""
 
 import pytest
 import torch
 
-from megatron.training import multi_tensor_add
+from megatron.engine import multi_tensor_add
 
 
 def test_chunk_table_covers_every_element_once():
