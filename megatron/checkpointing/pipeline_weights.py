@@ -27,8 +27,8 @@ from importlib.metadata import version
 
 import torch
 
+from megatron.checkpointing.integrity import write_complete_marker
 from megatron.checkpointing.layout import (
-    COMPLETE_MARKER,
     CONFIG_FILE,
     PARTIAL_SUFFIX,
     CheckpointError,
@@ -109,8 +109,7 @@ def write_weights_checkpoint(output: str, tag: str, full: dict, args, iteration:
         handle.write(args.serialize())
     with open(os.path.join(partial, WEIGHTS_ONLY_MARKER), "w") as handle:
         handle.write(note.rstrip() + "\n")
-    with open(os.path.join(partial, COMPLETE_MARKER), "w") as handle:
-        handle.write(f"{iteration}\n")
+    write_complete_marker(partial, iteration)  # with every file's checksum (integrity.py)
     os.rename(partial, final)
     write_latest(output, tag)
     return final

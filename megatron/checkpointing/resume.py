@@ -11,6 +11,7 @@ A crash anywhere before the switch leaves `latest` on the previous complete chec
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -21,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.layout import (
-    COMPLETE_MARKER,
     CONFIG_FILE,
     PARTIAL_SUFFIX,
     REPLACED_SUFFIX,
@@ -37,8 +37,11 @@ from megatron.checkpointing.layout import (
     zero3_consolidation_message,
     zero3_model_states_paths,
 )
+from megatron.checkpointing.integrity import checksums, verified_tag, write_complete_marker
 from megatron.checkpointing.pipeline_weights import load_weights_across_layouts
 from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER
+from megatron.checkpointing.save_dir import check_latest_moves_forward
+from megatron.mpu.checks import first_error_message, from_rank0
 from megatron.checkpointing.zero3 import check_state_matches, load_full_state_into_zero3
 
 
@@ -85,45 +88,108 @@ def restore_rng_states(states: dict) -> None:
     get_rng_tracker().set_states(states["tracker"])
 
 
+def _save_failure_message(exc: BaseException, save_dir: str, partial: str) -> str:
+    """One paragraph for an error while writing a checkpoint (disk full named as such)."""
+    previous = read_latest_or_none(save_dir)
+    kept = (f"the previous checkpoint {os.path.join(save_dir, previous)} is intact and `latest` still names it"
+            if previous else "no earlier checkpoint exists in this directory")
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        free = None
+    disk_full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or (
+        free is not None and free < 64 * 2**20)
+    if disk_full:
+        return (f"save: the disk holding {save_dir} is full ({(free or 0) / 2**20:.0f} MiB free) while writing "
+                f"checkpoint {os.path.basename(partial).removesuffix(PARTIAL_SUFFIX)}; the partial save {partial} "
+                f"was removed and {kept}. Free space, lower keep_last_n_checkpoints, or set `save` to a "
+                f"larger disk, then resume.")
+    return (f"save: writing checkpoint {partial} failed: {exc.__class__.__name__}: {exc}. The partial save was "
+            f"removed and {kept}; check that {save_dir} is writable, then resume.")
+
+
+def _is_write_error(exc: RuntimeError) -> bool:
+    """A RuntimeError of torch.save's writer (its wording in torch 2.x for a failed or short write)."""
+    text = str(exc)
+    return any(part in text for part in ("PytorchStreamWriter", "iostream error", "No space left", "unexpected pos",
+                                         "file write failed"))
+
+
+def read_latest_or_none(save_dir: str) -> str | None:
+    try:
+        return read_latest_tag(save_dir)
+    except CheckpointError:
+        return None
+
+
 def save_checkpoint(engine, args, progress: TrainProgress) -> str:
     """Save the run at `progress.iteration` into `args.checkpoint.save`; returns the tag.
 
-    Every rank writes into `<tag>.partial`; only when all are done does rank 0 mark it complete, move it
-    to `<tag>` (a complete checkpoint already there, from an earlier run at the same step, is first moved
-    aside to `<tag>.replaced` and deleted last) and switch `latest`. A crash at any point leaves the
-    previous complete checkpoints as they were.
+    Every rank writes into `<tag>.partial`; only when all are done does rank 0 write the `complete` marker
+    (with every file's checksum, `integrity.py`), move it to `<tag>` (a complete checkpoint already there,
+    from an earlier run at the same step, is first moved aside to `<tag>.replaced` and deleted last) and
+    switch `latest`, which never moves back. A crash at any point leaves the previous complete checkpoints
+    as they were; an I/O error (a full disk) removes the partial save and raises CheckpointError.
     """
     save_dir = args.checkpoint.save
     tag = tag_for_iteration(progress.iteration)
     partial, final = os.path.join(save_dir, tag + PARTIAL_SUFFIX), os.path.join(save_dir, tag)
     rank = _rank()
+    problem = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save of this same step
-    _barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            check_latest_moves_forward(save_dir, tag)
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save of this same step
+        except (CheckpointError, OSError) as exc:
+            problem = str(exc) if isinstance(exc, CheckpointError) else _save_failure_message(exc, save_dir, partial)
+    problem = first_error_message(problem)
+    if problem:
+        raise CheckpointError(problem)
     client_state = {"progress": asdict(progress)}
-    engine.save_checkpoint(save_dir, tag=tag + PARTIAL_SUFFIX, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_states(), rng_state_path(save_dir, tag + PARTIAL_SUFFIX, rank))
-    _barrier()
-    if rank == 0:
-        with open(os.path.join(partial, CONFIG_FILE), "w") as handle:
-            handle.write(args.serialize())
-        with open(os.path.join(partial, COMPLETE_MARKER), "w") as handle:
-            handle.write(f"{progress.iteration}\n")
-        replaced = final + REPLACED_SUFFIX
-        if os.path.isdir(final):
+    try:
+        engine.save_checkpoint(save_dir, tag=tag + PARTIAL_SUFFIX, client_state=client_state, save_latest=False)
+        torch.save(capture_rng_states(), rng_state_path(save_dir, tag + PARTIAL_SUFFIX, rank))
+    except (OSError, RuntimeError) as exc:  # torch.save reports write errors (a full disk) as RuntimeError
+        if isinstance(exc, RuntimeError) and not _is_write_error(exc):
+            raise  # not an I/O problem: keep the traceback
+        problem = _save_failure_message(exc, save_dir, partial)
+    problem = first_error_message(problem)
+    if problem is None and rank == 0:
+        try:
+            with open(os.path.join(partial, CONFIG_FILE), "w") as handle:
+                handle.write(args.serialize())
+        except OSError as exc:
+            problem = _save_failure_message(exc, save_dir, partial)
+    problem = first_error_message(problem)
+    files = checksums(partial) if problem is None else None  # every rank hashes its share of the files
+    if problem is None and rank == 0:
+        try:
+            write_complete_marker(partial, progress.iteration, files)
+        except OSError as exc:
+            problem = _save_failure_message(exc, save_dir, partial)
+        if problem is None:
+            replaced = final + REPLACED_SUFFIX
+            if os.path.isdir(final):
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
+            os.rename(partial, final)
+            write_latest(save_dir, tag)
             shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(final, replaced)
-        os.rename(partial, final)
-        write_latest(save_dir, tag)
-        shutil.rmtree(replaced, ignore_errors=True)
-        prune_checkpoints(save_dir, args.checkpoint.keep_last_n_checkpoints)
+            prune_checkpoints(save_dir, args.checkpoint.keep_last_n_checkpoints, keep=tag)
+    problem = first_error_message(problem)
+    if problem:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(problem)
     _barrier()
     return tag
 
 
-def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last_n`, and partial saves older than latest."""
+def prune_checkpoints(save_dir: str, keep_last_n: int | None, keep: str | None = None) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last_n`, and partial saves older than latest.
+    `keep` (the tag just saved) is never deleted, nor is the tag `latest` names."""
     complete = complete_tags(save_dir)
     newest_step = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1
     doomed = complete[:-keep_last_n] if keep_last_n else []
@@ -131,8 +197,10 @@ def prune_checkpoints(save_dir: str, keep_last_n: int | None) -> None:
         match = TAG_PATTERN.match(name.removesuffix(PARTIAL_SUFFIX).removesuffix(REPLACED_SUFFIX))
         if match and name not in complete and int(match.group(1)) < newest_step:
             doomed.append(name)
+    protected = {keep, read_latest_or_none(save_dir)}
     for name in doomed:
-        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        if name not in protected:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
 def _check_optimizer_layout(saved_args, args, path: str) -> None:
@@ -182,6 +250,34 @@ def has_checkpoint(load_dir: str) -> bool:
     return os.path.isfile(os.path.join(load_dir, "latest"))
 
 
+def same_directory(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def no_checkpoint_message(load_dir: str, save_dir: str | None) -> str:
+    return (f"load: {load_dir!r} holds no checkpoint (no `latest` file), and it is not this run's `save` "
+            f"directory ({save_dir!r}), so it is not the first launch of a run that resumes itself: the path is "
+            f"probably mistyped. Fix `load`, set `load` equal to `save` (starts from scratch the first time), "
+            f"or remove `load`.")
+
+
+def _verified_on_rank0(load_dir: str, tag: str, fallback: bool) -> str:
+    """The tag to load after rank 0 checked the files' checksums (`integrity.verified_tag`), on every rank."""
+    result = None
+    if _rank() == 0:
+        try:
+            chosen, warning = verified_tag(load_dir, tag, fallback)
+            result = ("ok", chosen, warning)
+        except CheckpointError as err:
+            result = ("error", str(err), None)
+    kind, value, warning = from_rank0(result)
+    if kind == "error":
+        raise CheckpointError(value)
+    if warning and _rank() == 0:
+        print(warning, flush=True)
+    return value
+
+
 def load_checkpoint(engine, args) -> TrainProgress:
     """Resume from `args.checkpoint.load` (its `latest`); with `finetune`, load weights only.
 
@@ -192,10 +288,13 @@ def load_checkpoint(engine, args) -> TrainProgress:
 
     load_dir = args.checkpoint.load
     if not has_checkpoint(load_dir) and not args.checkpoint.finetune:
+        if not same_directory(load_dir, args.checkpoint.save):
+            raise CheckpointError(no_checkpoint_message(load_dir, args.checkpoint.save))
         if _rank() == 0:
             print(f"load: no checkpoint in {load_dir!r} yet; starting from scratch", flush=True)
         return TrainProgress()
     tag = read_latest_tag(load_dir)
+    tag = _verified_on_rank0(load_dir, tag, args.checkpoint.fallback_to_older_checkpoint)
     path = os.path.join(load_dir, tag)
     finetune = args.checkpoint.finetune
     if not finetune and os.path.isfile(os.path.join(path, WEIGHTS_ONLY_MARKER)):

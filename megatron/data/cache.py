@@ -45,21 +45,28 @@ def cached_arrays(
 
     Files: `<cache_dir>/<name>_<hash(params)>_<key>.npy`, plus `..._params.json` describing them.
     """
-    os.makedirs(cache_dir, exist_ok=True)
+    from megatron.data.integrity import DataFileError, MissingDataFileError
+
     stem = os.path.join(cache_dir, f"{name}_{params_hash(params)}")
     paths = {k: f"{stem}_{k}.npy" for k in keys}
     if _is_node_builder() and not all(os.path.isfile(p) for p in paths.values()):
         arrays = build()
-        for key, path in paths.items():
-            _save_atomic(path, arrays[key])
-        with open(f"{stem}_params.json.tmp{os.getpid()}", "w") as f:
-            json.dump(params, f, indent=1, sort_keys=True, default=str)
-        os.replace(f"{stem}_params.json.tmp{os.getpid()}", f"{stem}_params.json")
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            for key, path in paths.items():
+                _save_atomic(path, arrays[key])
+            with open(f"{stem}_params.json.tmp{os.getpid()}", "w") as f:
+                json.dump(params, f, indent=1, sort_keys=True, default=str)
+            os.replace(f"{stem}_params.json.tmp{os.getpid()}", f"{stem}_params.json")
+        except OSError as err:
+            raise DataFileError(f"cannot write the data index cache into {cache_dir} ({err.strerror}); set "
+                                f"data_cache_dir to a writable directory (by default it is the directory of "
+                                f"the data files).") from None
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingDataFileError(
             f"index cache files {missing} were not built. With several nodes, the cache directory must be "
             "visible to every process of a node (each node's LOCAL_RANK 0 builds it)."
         )

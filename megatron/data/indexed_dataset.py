@@ -27,6 +27,8 @@ import struct
 
 import numpy as np
 
+from megatron.data.integrity import DataFileError, MissingDataFileError, check_bin_size, check_index_layout
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 
@@ -139,23 +141,24 @@ class MMapIndexedDataset:
     def _open(self, prefix: str) -> None:
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
         if not dataset_exists(prefix):
-            raise FileNotFoundError(
+            raise MissingDataFileError(
                 f"indexed dataset {prefix!r} not found: need both {idx_path} and {bin_path} "
                 "(data paths are prefixes without the .bin/.idx suffix)."
             )
         with open(idx_path, "rb") as f:
             header = f.read(_HEADER_SIZE)
         if len(header) < _HEADER_SIZE or header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-            raise ValueError(f"{idx_path} is not a Megatron mmap index (magic {INDEX_MAGIC!r} expected).")
+            raise DataFileError(f"{idx_path} is not a Megatron mmap index (magic {INDEX_MAGIC!r} expected).")
         pos = len(INDEX_MAGIC)
         (version,) = struct.unpack_from("<Q", header, pos)
         if version != INDEX_VERSION:
-            raise ValueError(f"{idx_path} has index version {version}; only version {INDEX_VERSION} is supported.")
+            raise DataFileError(f"{idx_path} has index version {version}; only version {INDEX_VERSION} is supported.")
         (code,) = struct.unpack_from("<B", header, pos + 8)
         if code not in DTYPE_CODES:
-            raise ValueError(f"{idx_path} has dtype code {code}; token datasets use one of {sorted(DTYPE_CODES)}.")
+            raise DataFileError(f"{idx_path} has dtype code {code}; token datasets use one of {sorted(DTYPE_CODES)}.")
         self._dtype = np.dtype(DTYPE_CODES[code])
         n_items, n_doc_idx = struct.unpack_from("<QQ", header, pos + 9)
+        check_index_layout(idx_path, os.path.getsize(idx_path), _HEADER_SIZE, n_items, n_doc_idx)
 
         self._index_mmap = np.memmap(idx_path, mode="r", dtype=np.uint8)
         self._sizes = np.frombuffer(self._index_mmap, dtype="<i4", count=n_items, offset=_HEADER_SIZE)
@@ -165,6 +168,7 @@ class MMapIndexedDataset:
         self._doc_idx = np.frombuffer(
             self._index_mmap, dtype="<i8", count=n_doc_idx, offset=_HEADER_SIZE + 12 * n_items
         )
+        check_bin_size(bin_path, os.path.getsize(bin_path), self._sizes, self._pointers, self._dtype.itemsize)
         self._data_mmap = np.memmap(bin_path, mode="r", dtype=np.uint8) if os.path.getsize(bin_path) else None
 
     def __getstate__(self):

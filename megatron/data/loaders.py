@@ -23,6 +23,7 @@ from megatron.data import bundled
 from megatron.data.blending import BlendedDataset, samples_per_dataset
 from megatron.data.gpt_dataset import GPTDataset
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.integrity import check_token_ids
 from megatron.data.samplers import PretrainingSampler
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -56,17 +57,21 @@ def num_samples_needed(training, derived) -> tuple[int, int, int]:
     return train, valid, test
 
 
-def open_dataset(prefix: str) -> MMapIndexedDataset:
-    """Open `<prefix>.bin/.idx`, building the bundled corpus first if `prefix` names it."""
+def open_dataset(prefix: str, vocab_size: int | None = None, cache_dir: str | None = None) -> MMapIndexedDataset:
+    """Open `<prefix>.bin/.idx` (whole: `integrity.py`), building the bundled corpus first if `prefix` names
+    it; with `vocab_size`, its token ids are checked to be below it (once, cached)."""
     if bundled.is_bundled_prefix(prefix):
         bundled.ensure_bundled_data(prefix)
-    return MMapIndexedDataset(prefix)
+    dataset = MMapIndexedDataset(prefix)
+    if vocab_size:
+        check_token_ids(dataset, vocab_size, cache_dir)
+    return dataset
 
 
 def _blend(name: str, prefixes: Sequence[str], weights, num_samples: int, seq_length: int, seed: int,
-           cache_dir: str | None):
+           cache_dir: str | None, vocab_size: int | None = None):
     """One GPTDataset per prefix (all documents), blended when there are several."""
-    indexed = [open_dataset(p) for p in prefixes]
+    indexed = [open_dataset(p, vocab_size, cache_dir) for p in prefixes]
     if len(indexed) == 1:
         return GPTDataset(name, indexed[0], np.arange(len(indexed[0])), num_samples, seq_length, seed, cache_dir)
     if weights is None:
@@ -82,10 +87,12 @@ def _blend(name: str, prefixes: Sequence[str], weights, num_samples: int, seq_le
     return BlendedDataset(parts, weights, num_samples, cache_dir=blend_cache, name=f"blend_{name}")
 
 
-def build_train_valid_test_datasets(data, seq_length: int, seed: int, num_samples: Sequence[int]):
-    """(train, valid, test) datasets from DataArgs; None for a split with no documents or no samples."""
+def build_train_valid_test_datasets(data, seq_length: int, seed: int, num_samples: Sequence[int],
+                                    vocab_size: int | None = None):
+    """(train, valid, test) datasets from DataArgs; None for a split with no documents or no samples.
+    `vocab_size` (the tokenizer's): refuse data with larger token ids."""
     if data.data_path is not None:
-        indexed = open_dataset(data.data_path)
+        indexed = open_dataset(data.data_path, vocab_size, data.data_cache_dir)
         datasets = []
         for name, (start, end), n in zip(SPLIT_NAMES, parse_split(data.split, len(indexed)), num_samples):
             if end <= start or n <= 0 or indexed.sizes[start:end].sum() == 0:
@@ -98,7 +105,7 @@ def build_train_valid_test_datasets(data, seq_length: int, seed: int, num_sample
     if not paths[0]:
         raise ValueError("no training data: set `data_path` (split by `split`) or `train_data_paths`.")
     return tuple(
-        _blend(name, p, w, n, seq_length, seed, data.data_cache_dir) if p and n > 0 else None
+        _blend(name, p, w, n, seq_length, seed, data.data_cache_dir, vocab_size) if p and n > 0 else None
         for name, p, w, n in zip(SPLIT_NAMES, paths, weights, num_samples)
     )
 
@@ -167,7 +174,8 @@ def build_train_valid_test_data_iterators(
     """
     seed = training.seed if seed is None else seed
     micro = derived.train_micro_batch_size_per_gpu
-    datasets = build_train_valid_test_datasets(data, seq_length, seed, num_samples_needed(training, derived))
+    datasets = build_train_valid_test_datasets(data, seq_length, seed, num_samples_needed(training, derived),
+                                               vocab_size=derived.vocab_size or None)
 
     def loader_for(dataset):
         return lambda consumed: make_data_loader(

@@ -31,8 +31,12 @@ from megatron.mpu.reductions import grad_norm
 
 
 class EngineStep:
-    def __init__(self, model: torch.nn.Module, parallel, grad_acc: int, sum_sequence_parallel_grads: bool = False):
+    def __init__(self, model: torch.nn.Module, parallel, grad_acc: int, sum_sequence_parallel_grads: bool = False,
+                 guard=None):
         self.model = model  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
+        # megatron.training.divergence.DivergenceGuard or None: in plain fp32 (DeepSpeed keeps no norm and
+        # would step on NaN gradients) the norm is then measured at every step and a non-finite one skips it
+        self.guard = guard
         self.parallel = parallel
         self.grad_acc = grad_acc
         # Under SP, in fp32 at ZeRO stage 0, the norm/bias grads are summed over the tensor group once per
@@ -56,9 +60,15 @@ class EngineStep:
             last = micro == self.grad_acc - 1
             if last and self.sum_sequence_parallel_grads:
                 allreduce_sequence_parallel_grads(self.model, self.parallel)
-            if last and measure_grad_norm and not engine_reports_grad_norm(engine):
+            skip = False
+            if last and (measure_grad_norm or self.guard is not None) and not engine_reports_grad_norm(engine):
                 self._fp32_grad_norm = grad_norm(self.model.parameters(), self.parallel)
-            engine.step()  # steps the optimizer only at the accumulation boundary
+                skip = self.guard is not None and self.guard.is_nonfinite(self._fp32_grad_norm)
+            if skip:
+                with self.guard.skipping(engine.optimizer, True):
+                    engine.step()  # clips, zeroes the gradients and advances the schedule; no update
+            else:
+                engine.step()  # steps the optimizer only at the accumulation boundary
             loss_sum += loss.detach().float()
         return loss_sum, self.grad_acc
 

@@ -17,9 +17,16 @@ from typing import Mapping, Optional, Sequence
 
 from megatron.engine.version import DeepSpeedVersionError, check_deepspeed_version
 from megatron.launcher.command import LaunchPlan, plan_launch
-from megatron.launcher.run_dir import resolve_run_dir, resolved_config_yaml, save_run_files
+from megatron.launcher.preflight import preflight
+from megatron.launcher.reaper import start_reaper, wait_until_gone
+from megatron.launcher.run_dir import (
+    resolve_run_dir,
+    resolved_config_yaml,
+    resolved_json_path,
+    save_run_files,
+    write_resolved_json,
+)
 from megatron.launcher.slurm import slurm_world_size
-from megatron.launcher.worker_args import encode_neox_args
 from megatron.neox_args import ConfigError, NeoXArgs, format_error
 
 CONFIG_ERROR_EXIT = 2
@@ -70,9 +77,12 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
 
     The child gets its own group so that one Ctrl-C reaches the runner, the per-node launcher and the
     workers exactly once (forwarded by us) and they shut down together; a third Ctrl-C kills the group.
-    A run that was interrupted and failed returns 130 (the shell's status for Ctrl-C).
+    Returns only when no process of the group is left (workers saving after a SIGTERM outlive the runner);
+    the reaper (reaper.py) stops the group if this process is killed outright. A run that was interrupted
+    and failed returns 130 (the shell's status for Ctrl-C).
     """
     child = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
+    reaper = start_reaper(child.pid)
     interrupts = []
 
     def forward(signum, _frame):
@@ -86,9 +96,12 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         status = child.wait()
+        wait_until_gone(child.pid)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        reaper.terminate()
+        reaper.wait()
     if status < 0:
         return 128 - status
     if status != 0 and signal.SIGINT in interrupts:
@@ -114,8 +127,10 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     try:
         args = load_config(paths, environ)
         args.logging.log_dir = resolve_run_dir(args.logging.log_dir, environ)
-        encoded = encode_neox_args(args)
-        plan = plan_launch(args, cli.user_script, encoded, cuda_available=cuda_is_available(), environ=environ)
+        cuda_available = cuda_is_available()
+        notes = preflight(args, cuda_available, environ)
+        plan = plan_launch(args, cli.user_script, resolved_json_path(args.logging.log_dir),
+                           cuda_available=cuda_available, environ=environ)
     except ConfigError as err:
         print(format_error(err), file=sys.stderr)
         return CONFIG_ERROR_EXIT
@@ -124,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         print(f"# resolved config (saved as {args.logging.log_dir}/config.yml when launched)")
         print(resolved_config_yaml(args), end="")
         print("# launch command")
-        print(plan.display(encoded))
+        print(plan.display())
         return 0
 
     try:  # before any worker starts: megatron/engine was written against one DeepSpeed release
@@ -132,8 +147,12 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     except DeepSpeedVersionError as err:
         print(f"deepy.py: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
+    for note in notes:
+        print(note, flush=True)
     if is_primary_launcher(args, environ):
         save_run_files(args.logging.log_dir, args, paths)
         print(f"deepy.py: run directory {args.logging.log_dir}", flush=True)
-    print(f"deepy.py: launching {plan.display(encoded)}", flush=True)
+    else:  # under deepspeed_slurm each task's worker reads the file its own deepy.py wrote
+        write_resolved_json(args.logging.log_dir, args)
+    print(f"deepy.py: launching {plan.display()}", flush=True)
     return execute(plan, environ)

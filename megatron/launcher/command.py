@@ -20,10 +20,10 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping
 
 from megatron.launcher.slurm import slurm_worker_env
-from megatron.launcher.worker_args import WORKER_ARG
+from megatron.launcher.worker_args import WORKER_FILE_ARG
 from megatron.neox_args import ConfigError
 
 MPI_LAUNCHERS = ("openmpi", "mvapich")
@@ -42,16 +42,9 @@ class LaunchPlan:
     exec_in_place: bool = False
     """True under deepspeed_slurm: deepy.py replaces itself with the worker (srun started every task)."""
 
-    def display(self, encoded: Optional[str] = None) -> str:
-        """The command as a shell line, with the environment additions in front; the long base64 config
-        is abbreviated when `encoded` is given."""
-        words = list(self.argv)
-        placeholder = "__NEOX_ARGS__"
-        if encoded is not None:
-            words = [placeholder if word == encoded else word for word in words]
-        line = shlex.join(words)
-        if encoded is not None:
-            line = line.replace(placeholder, f"<base64 of the resolved config, {len(encoded)} chars>")
+    def display(self) -> str:
+        """The command as a shell line, with the environment additions in front."""
+        line = shlex.join(self.argv)
         prefix = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
         return f"{prefix} {line}" if prefix else line
 
@@ -78,7 +71,7 @@ def _check_mpi_hostfile(launcher) -> None:
                           key="num_gpus")
 
 
-def runner_command(launcher, user_script: str, encoded: str, *, cuda_available: bool,
+def runner_command(launcher, user_script: str, config_file: str, *, cuda_available: bool,
                    python: str = sys.executable) -> list:
     """argv of DeepSpeed's runner for the launcher section `launcher` (see the module docstring)."""
     argv = [python, "-u", "-m", "deepspeed.launcher.runner"]
@@ -119,19 +112,20 @@ def runner_command(launcher, user_script: str, encoded: str, *, cuda_available: 
     argv += ["--master_port", str(launcher.master_port)]
     if launcher.master_addr:
         argv += ["--master_addr", launcher.master_addr]
-    # warning: keeps the runner and the per-node launcher from logging every worker command line,
-    # each with the full base64 config (deepy.py prints the command once, abbreviated)
+    # warning: keeps the runner and the per-node launcher from logging every worker command line
+    # (deepy.py prints the command once)
     argv += ["--log_level", "warning"]
-    return argv + [user_script, WORKER_ARG, encoded]
+    return argv + [user_script, WORKER_FILE_ARG, config_file]
 
 
-def plan_launch(args, user_script: str, encoded: str, *, cuda_available: bool,
+def plan_launch(args, user_script: str, config_file: str, *, cuda_available: bool,
                 environ: Mapping[str, str], python: str = sys.executable) -> LaunchPlan:
-    """How to start `user_script` on every rank for the resolved config `args`."""
+    """How to start `user_script` on every rank for the resolved config `args`, which the workers read
+    from `config_file` (`--neox_args_file`)."""
     env = accelerator_env(cuda_available, environ)
     launcher = args.launcher
     if launcher.deepspeed_slurm:
         env.update(slurm_worker_env(launcher, environ))
-        return LaunchPlan([python, "-u", user_script, WORKER_ARG, encoded], env, exec_in_place=True)
-    argv = runner_command(launcher, user_script, encoded, cuda_available=cuda_available, python=python)
+        return LaunchPlan([python, "-u", user_script, WORKER_FILE_ARG, config_file], env, exec_in_place=True)
+    argv = runner_command(launcher, user_script, config_file, cuda_available=cuda_available, python=python)
     return LaunchPlan(argv, env)

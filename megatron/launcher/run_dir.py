@@ -1,6 +1,7 @@
 """The run directory: where the resolved config, the original YAML and the metrics of one run are kept.
 
-    <run_dir>/neox_args.json         the resolved config (NeoXArgs.to_dict(): every key + derived values)
+    <run_dir>/neox_args.json         the resolved config (NeoXArgs.to_dict(): every key + derived values);
+                                     the workers read it (`--neox_args_file`)
     <run_dir>/config.yml             the same, as YAML
     <run_dir>/original_configs.yml   the YAML files as the user wrote them, each under `# --- file: <path>`
     <run_dir>/metrics.jsonl          written by the logger during training
@@ -58,13 +59,26 @@ def concatenate_original_configs(paths: Sequence[str]) -> str:
     return "".join(chunks)
 
 
+def resolved_json_path(run_dir: str) -> str:
+    return os.path.join(run_dir, RESOLVED_JSON)
+
+
+def write_resolved_json(run_dir: str, args) -> str:
+    """Write `<run_dir>/neox_args.json` atomically (a temp file renamed: the workers read it, and under
+    deepspeed_slurm every task writes the same content); returns its path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = resolved_json_path(run_dir)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(resolved_config_dict(args), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def save_run_files(run_dir: str, args, config_paths: Sequence[str]) -> None:
     """Write neox_args.json, config.yml and original_configs.yml into `run_dir` (created if missing)."""
-    os.makedirs(run_dir, exist_ok=True)
-    resolved = resolved_config_dict(args)
-    with open(os.path.join(run_dir, RESOLVED_JSON), "w", encoding="utf-8") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_resolved_json(run_dir, args)
     with open(os.path.join(run_dir, RESOLVED_YAML), "w", encoding="utf-8") as f:
         f.write(resolved_config_yaml(args))
     with open(os.path.join(run_dir, ORIGINAL_YAML), "w", encoding="utf-8") as f:

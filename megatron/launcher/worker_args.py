@@ -1,7 +1,11 @@
-"""How the resolved config travels from deepy.py to every train.py process: `--neox_args <base64 JSON>`.
+"""How the resolved config travels from deepy.py to every train.py process.
 
-Base64 (URL-safe alphabet) keeps the JSON one shell-safe token through every launcher (pdsh and srun
-re-split arguments on spaces and quotes; base64 has neither).
+deepy.py writes it into the run directory (`<run_dir>/neox_args.json`, the same file the user reads) and
+starts the workers with `--neox_args_file <that path>`: a short command line, so that a failing worker's
+launcher does not print kilobytes of config, and the config is a file one can open. Multi-node runs
+need the run directory (`log_dir`) on a filesystem every node sees, as they do for checkpoints.
+`--neox_args <base64 JSON>` (URL-safe alphabet: one shell-safe token) is still accepted, for scripts that
+start workers themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 WORKER_ARG = "--neox_args"
+WORKER_FILE_ARG = "--neox_args_file"
 
 
 def encode_neox_args(args) -> str:
@@ -32,8 +37,22 @@ def decode_neox_args(encoded: str):
     return NeoXArgs.from_serialized(text)
 
 
+def read_neox_args_file(path: str):
+    """The NeoXArgs in the JSON file deepy.py wrote (`run_dir.write_resolved_json`)."""
+    from megatron.neox_args import ConfigError, NeoXArgs
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise ConfigError(f"{WORKER_FILE_ARG} {path}: cannot read the resolved config ({err.strerror}); deepy.py "
+                          f"writes it into the run directory (log_dir), which every node must see.") from None
+    return NeoXArgs.from_serialized(text)
+
+
 def parse_worker_args(argv: Optional[Sequence[str]] = None):
-    """Decode `--neox_args <base64>` from a worker's command line (default `sys.argv[1:]`) -> NeoXArgs.
+    """Read the config from `--neox_args_file <path>` (or decode `--neox_args <base64>`) on a worker's command
+    line (default `sys.argv[1:]`) -> NeoXArgs.
 
     `--local_rank=N` (or `--local_rank N`), which the DeepSpeed launcher appends, is accepted and ignored:
     the local rank is read from the LOCAL_RANK environment variable like every other rank variable.
@@ -41,7 +60,11 @@ def parse_worker_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(
         description="Worker entry point; started by deepy.py, which passes the resolved config.",
     )
-    parser.add_argument(WORKER_ARG, required=True, help="base64 of NeoXArgs.serialize() (deepy.py writes it)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(WORKER_FILE_ARG, help="the resolved config's JSON file (deepy.py writes it)")
+    source.add_argument(WORKER_ARG, help="base64 of NeoXArgs.serialize()")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher; unused")
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if options.neox_args_file is not None:
+        return read_neox_args_file(options.neox_args_file)
     return decode_neox_args(options.neox_args)

@@ -298,6 +298,13 @@ class TrainingArgs:
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,
     off for CPU (printed at start; megatron/training/device_defaults.py)."""
 
+    max_consecutive_nonfinite_steps: int = 20
+    """Divergence policy: an optimizer step whose loss or gradient norm is not finite (NaN/inf) is skipped
+    (the weights and optimizer states stay as they were; fp16 loss-scale overflows count too); after this
+    many such steps in a row the run stops with a message naming the step and the last good checkpoint,
+    saving nothing. 0 stops at the first one. Checked every step in fp32, every `log_interval` steps in
+    bf16 (whose step skips on the device without waiting for it)."""
+
 
 @dataclass
 class CheckpointArgs:
@@ -317,6 +324,15 @@ class CheckpointArgs:
 
     finetune: bool = False
     """Load weights only from `load`: iteration, optimizer, lr schedule and data position start fresh."""
+
+    overwrite_checkpoints: bool = False
+    """Start a fresh run (no `load`) in a `save` directory that already holds checkpoints: its `global_step*`
+    checkpoints and `latest` are deleted when the run starts. Without it such a run is refused, so that
+    repeating a command never replaces a longer run's checkpoints."""
+
+    fallback_to_older_checkpoint: bool = False
+    """When the checkpoint `latest` names fails its checksums (a damaged file), resume from the newest
+    older checkpoint that passes them (with a warning) instead of stopping."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ _NON_NEGATIVE = {
     "parallel": ("pipe_parallel_size",),
     "optimizer": ("lr", "weight_decay", "momentum"),
     "lr": ("min_lr",),
-    "training": ("gradient_clipping", "eval_iters", "seed"),
+    "training": ("gradient_clipping", "eval_iters", "seed", "max_consecutive_nonfinite_steps"),
     "data": ("num_workers",),
 }
 """Fields that must be >= 0."""

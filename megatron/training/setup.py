@@ -85,6 +85,53 @@ def build_step(args, model, parallel):
     return PipelineStep(model, parallel) if parallel.pp_size > 1 else None
 
 
+def _agreed(problem: str | None, lock=None) -> None:
+    """Raise CheckpointError on every rank when some rank has a problem (releasing `lock`)."""
+    from megatron.checkpointing.layout import CheckpointError
+    from megatron.mpu.checks import first_error_message
+
+    problem = first_error_message(problem)
+    if problem:
+        if lock is not None:
+            lock.release()
+        raise CheckpointError(problem)
+
+
+def take_save_dir_lock(args, rank: int):
+    """Rank 0 takes the save directory's lock (`checkpointing.lock`; the kernel drops it when the process
+    ends); a busy directory stops every rank. Returns the lock on rank 0, else None."""
+    from megatron.checkpointing.layout import CheckpointError
+    from megatron.checkpointing.lock import SaveDirLock
+
+    lock, problem = None, None
+    if rank == 0 and args.checkpoint.save:
+        try:
+            lock = SaveDirLock(args.checkpoint.save).acquire()
+            if lock.stale_message():
+                print(lock.stale_message(), flush=True)
+        except (CheckpointError, OSError) as err:
+            problem = str(err)
+    _agreed(problem)
+    return lock
+
+
+def check_save_dir(args, rank: int, start_iteration: int, lock) -> None:
+    """Rank 0, holding the lock, applies `checkpointing.save_dir.claim_save_dir` (no fresh run over
+    checkpoints unless overwrite_checkpoints; `latest` never moves back); the verdict stops every rank."""
+    from megatron.checkpointing.layout import CheckpointError
+    from megatron.checkpointing.save_dir import claim_save_dir
+
+    problem = None
+    if rank == 0 and args.checkpoint.save:
+        try:
+            note = claim_save_dir(args.checkpoint, start_iteration)
+            if note:
+                print(note, flush=True)
+        except (CheckpointError, OSError) as err:
+            problem = str(err)
+    _agreed(problem, lock)
+
+
 def build_and_train(args) -> dict:
     """The whole run on this rank; returns the trainer's final values."""
     from megatron.data import build_train_valid_test_data_iterators
@@ -94,7 +141,13 @@ def build_and_train(args) -> dict:
     from megatron.training.metrics import ThroughputMeter
     from megatron.training.trainer import Trainer
 
+    from megatron.mpu.checks import host_group
+    from megatron.training.preemption import Preemption
+
     device_type, parallel = init_parallel(args)
+    host_group()  # created on every rank before any host-side flag is agreed on
+    rank = torch.distributed.get_rank()
+    lock = take_save_dir_lock(args, rank)
     tokenizer = build_tokenizer(args.tokenizer)
     args.set_vocab_size(tokenizer.vocab_size)
 
@@ -104,19 +157,28 @@ def build_and_train(args) -> dict:
     progress = TrainProgress()
     if args.checkpoint.load:
         progress = load_checkpoint(engine, args)
+    check_save_dir(args, rank, progress.iteration, lock)
 
     iterators = build_train_valid_test_data_iterators(
         args.data, args.training, args.derived, args.model.seq_length, parallel,
         consumed_train_samples=progress.consumed_train_samples,
         consumed_valid_samples=progress.consumed_valid_samples, seed=args.training.seed)
 
-    rank = torch.distributed.get_rank()
     logger = MetricsLogger(args.logging, args.logging.log_dir, rank, args.to_dict())
     meter = ThroughputMeter.for_run(args, device_type)
+    preemption = Preemption()
     trainer = Trainer(args, engine, model, parallel, iterators, logger, meter, progress,
                       sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step,
-                      step=build_step(args, model, parallel))
-    final = trainer.train()
+                      step=build_step(args, model, parallel), preemption=preemption)
+    # from here on SIGTERM/SIGINT stop the run after the current step and a save (before, they end it at once:
+    # nothing is trained yet)
+    preemption.install()
+    try:
+        final = trainer.train()
+    finally:
+        preemption.uninstall()
+        if lock is not None:
+            lock.release()
     # leave no collective or communication thread running when the process exits
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

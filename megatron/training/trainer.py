@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from megatron.checkpointing.resume import TrainProgress, save_checkpoint
+from megatron.checkpointing.resume import TrainProgress, read_latest_or_none, save_checkpoint
 from megatron.engine.build import skipped_steps
 from megatron.engine.steps import EngineStep
 from megatron.mpu.reductions import data_parallel_mean
+from megatron.training.divergence import DivergenceError, DivergenceGuard, all_finite
 
 
 class Trainer:
@@ -26,7 +27,7 @@ class Trainer:
     `PipelineStep` with); the default is the `EngineStep` for `model`."""
 
     def __init__(self, args, engine, model, parallel, iterators, logger, meter, progress: TrainProgress,
-                 sum_sequence_parallel_grads_per_step: bool = False, step=None):
+                 sum_sequence_parallel_grads_per_step: bool = False, step=None, preemption=None):
         self.args = args
         self.engine = engine
         self.model = model
@@ -38,8 +39,18 @@ class Trainer:
         self.device = engine.device
         self.grad_acc = args.derived.gradient_accumulation_steps
         self.global_batch = args.derived.train_batch_size
+        # divergence policy (divergence.py): EngineStep in fp32 without ZeRO skips non-finite steps itself,
+        # every step; the bf16 sync-free step counts its skips on the device (read at log steps); the other
+        # wrappers count theirs on the host
+        save = args.checkpoint.save
+        self.guard = DivergenceGuard(args.training.max_consecutive_nonfinite_steps, save)
+        self.guard.last_good_checkpoint = read_latest_or_none(save) if save else None
+        self._skips_on_device = type(engine.optimizer).__name__ == "BF16_Optimizer"
+        self.preemption = preemption  # preemption.Preemption or None: SIGTERM/SIGINT save and stop
+        self.stopped_by: str | None = None
         self.step = step if step is not None else EngineStep(
-            model, parallel, self.grad_acc, sum_sequence_parallel_grads=sum_sequence_parallel_grads_per_step)
+            model, parallel, self.grad_acc, sum_sequence_parallel_grads=sum_sequence_parallel_grads_per_step,
+            guard=self.guard)
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         self._loss_count = 0
 
@@ -59,13 +70,17 @@ class Trainer:
     def _grad_norm(self):
         return self.step.grad_norm(self.engine)
 
+    def _skipped_steps(self) -> int:
+        """DeepSpeed's count (fp16 overflows, ZeRO, the bf16 device count) plus the fp32 steps skipped here."""
+        return skipped_steps(self.engine) + self.guard.skipped_here
+
     def _log_train(self, step_seconds: float) -> None:
         loss = self._dp_mean(self._loss_sum / max(self._loss_count, 1))
         record = {
             "loss": loss,
             "lr": self.engine.get_lr()[0],
             "grad_norm": self._grad_norm(),
-            "skipped_steps": skipped_steps(self.engine),
+            "skipped_steps": self._skipped_steps(),
             "consumed_samples": self.progress.consumed_train_samples,
         }
         record.update(self.meter.update(self.progress.iteration, step_seconds))
@@ -100,9 +115,29 @@ class Trainer:
         factor = self.args.checkpoint.checkpoint_factor
         return bool(self.args.checkpoint.save and factor and self.progress.iteration % factor == 0)
 
-    def save(self) -> None:
+    def save(self) -> str:
+        if not all_finite(self.engine, self.model):  # never write a checkpoint from NaN/inf state
+            raise DivergenceError(self.guard.refuse_save_message(self.progress.iteration))
         tag = save_checkpoint(self.engine, self.args, self.progress)
+        self.guard.last_good_checkpoint = tag
         self.logger.info(f"saved checkpoint {self.args.checkpoint.save}/{tag}")
+        return tag
+
+    def _check_divergence(self, it: int, logged: bool, steps_in_interval: int) -> None:
+        if not self._skips_on_device:
+            self.guard.after_steps(it, self._skipped_steps(), 1)
+        elif logged:
+            self.guard.after_steps(it, self._skipped_steps(), steps_in_interval)
+
+    def _stop_for_signal(self, it: int, last_saved) -> None:
+        """Save (unless this step was just saved) and end the run after a SIGTERM/SIGINT."""
+        self.stopped_by = self.preemption.signal_name()
+        save = self.args.checkpoint.save
+        if save and last_saved != it:
+            self.save()
+        where = (f"saved checkpoint {save}/global_step{it}; resume with `load: {save}`" if save else
+                 "nothing was saved (no `save` directory is set)")
+        self.logger.info(f"stopped by {self.stopped_by} after step {it} of {self.args.training.train_iters}; {where}")
 
     # ----------------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -118,7 +153,9 @@ class Trainer:
             it = self.progress.iteration + 1
             self.train_step(measure_grad_norm=it % log_interval == 0 or it == training.train_iters)
             steps_in_interval += 1
-            if it % log_interval == 0 or it == training.train_iters:
+            logged = it % log_interval == 0 or it == training.train_iters
+            self._check_divergence(it, logged, steps_in_interval)
+            if logged:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - interval_start
@@ -130,6 +167,10 @@ class Trainer:
             if self._should_save():
                 self.save()
                 last_saved = it
+            if self.preemption is not None and self.preemption.should_stop():
+                self._stop_for_signal(it, last_saved)
+                self.logger.close()
+                return {"valid_loss": None, "stopped_by": self.stopped_by}
         final = {"valid_loss": self.evaluate(self.valid_iter)}
         if self.args.checkpoint.save and last_saved != self.progress.iteration:
             self.save()

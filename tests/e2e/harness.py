@@ -52,17 +52,27 @@ SMALL_MODEL = {
 }
 
 
-def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600, base: dict = SMALL_MODEL) -> list[dict]:
-    """Train with `base` (SMALL_MODEL) + overrides; return the train records of metrics.jsonl."""
+def write_config(tmp_path, name: str, overrides: dict, base: dict = SMALL_MODEL) -> tuple[str, dict]:
+    """`base` + overrides as `<tmp_path>/<name>.yml` (own log_dir and a free port); returns (path, config)."""
     config = dict(base)
     config.update(overrides)
     config["log_dir"] = overrides.get("log_dir", str(tmp_path / f"run_{name}"))
     config["master_port"] = find_free_port()
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(path)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return str(path), config
+
+
+def deepy_command(config_path: str) -> dict:
+    """Keyword arguments of subprocess.run/Popen that launch deepy.py train.py on `config_path`."""
+    return {"args": [sys.executable, "deepy.py", "train.py", config_path], "cwd": REPO_ROOT,
+            "env": dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")}
+
+
+def run_deepy(tmp_path, name: str, overrides: dict, timeout: int = 600, base: dict = SMALL_MODEL) -> list[dict]:
+    """Train with `base` (SMALL_MODEL) + overrides; return the train records of metrics.jsonl."""
+    path, config = write_config(tmp_path, name, overrides, base)
+    proc = subprocess.run(**deepy_command(path), capture_output=True, text=True, timeout=timeout)
     output = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, f"deepy.py failed ({proc.returncode}) for {name}:\n{output}"
     leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{config['master_port']}_*")

@@ -68,8 +68,10 @@ def test_corrupted_checkpoint_is_a_clear_error_and_keeps_the_files(tmp_path):
     proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "train.py: error: load: DeepSpeed could not read checkpoint" in proc.stderr, proc.stderr[-3000:]
-    assert "global_step2" in proc.stderr and "latest" in proc.stderr  # names the path and the fix
+    # refused by the checksums of its `complete` marker before DeepSpeed reads it
+    assert "train.py: error: load: checkpoint" in proc.stderr and "is damaged" in proc.stderr, proc.stderr[-3000:]
+    assert "mp_rank_00_model_states.pt has 100 bytes" in proc.stderr  # names the file
+    assert "No older checkpoint" in proc.stderr and "remove `load`" in proc.stderr  # and the fix
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in (save / "global_step2").iterdir()) == before  # nothing deleted
     assert (save / "latest").read_text().strip() == "global_step2"

@@ -29,16 +29,16 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from megatron.checkpointing.layout import COMPLETE_MARKER, TAG_PATTERN, CheckpointError, read_latest_tag  # noqa: E402
+from megatron.checkpointing.integrity import marker_iteration  # noqa: E402
+from megatron.checkpointing.layout import TAG_PATTERN, CheckpointError, read_latest_tag  # noqa: E402
 from megatron.checkpointing.pipeline_weights import write_weights_checkpoint  # noqa: E402
 from megatron.checkpointing.reshard import read_merged_model_state, resharded_args  # noqa: E402
 
 
 def _iteration(load: str, tag: str) -> int:
-    with open(os.path.join(load, tag, COMPLETE_MARKER)) as handle:
-        text = handle.read().strip()
-    if text.isdigit():
-        return int(text)
+    recorded = marker_iteration(os.path.join(load, tag))
+    if recorded is not None:
+        return recorded
     match = TAG_PATTERN.match(tag)
     return int(match.group(1)) if match else 0
 

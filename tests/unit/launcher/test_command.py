@@ -11,11 +11,11 @@ from megatron.neox_args.sections import LauncherArgs
 
 PY = "/usr/bin/python3"
 RUNNER = [PY, "-u", "-m", "deepspeed.launcher.runner"]
-TAIL = ["--log_level", "warning", "train.py", "--neox_args", "B64"]
+TAIL = ["--log_level", "warning", "train.py", "--neox_args_file", "CFG"]
 
 
 def command(cuda_available=True, **launcher_fields):
-    return runner_command(LauncherArgs(**launcher_fields), "train.py", "B64", cuda_available=cuda_available,
+    return runner_command(LauncherArgs(**launcher_fields), "train.py", "CFG", cuda_available=cuda_available,
                           python=PY)
 
 
@@ -82,13 +82,12 @@ def test_multi_node_launcher_without_hostfile_is_an_error():
 
 def test_plan_sets_cpu_accelerator_only_without_gpu():
     args = SimpleNamespace(launcher=LauncherArgs(num_gpus=2))
-    cpu = plan_launch(args, "train.py", "B64", cuda_available=False, environ={}, python=PY)
+    cpu = plan_launch(args, "train.py", "CFG", cuda_available=False, environ={}, python=PY)
     assert cpu.env == {"DS_ACCELERATOR": "cpu"} and not cpu.exec_in_place
-    assert cpu.display("B64") == (f"DS_ACCELERATOR=cpu {PY} -u -m deepspeed.launcher.runner --num_gpus 2 "
-                                  "--master_port 29500 --log_level warning train.py --neox_args "
-                                  "<base64 of the resolved config, 3 chars>")
-    assert plan_launch(args, "train.py", "B64", cuda_available=True, environ={}, python=PY).env == {}
-    assert plan_launch(args, "train.py", "B64", cuda_available=False, environ={"DS_ACCELERATOR": "xpu"},
+    assert cpu.display() == (f"DS_ACCELERATOR=cpu {PY} -u -m deepspeed.launcher.runner --num_gpus 2 "
+                             "--master_port 29500 --log_level warning train.py --neox_args_file CFG")
+    assert plan_launch(args, "train.py", "CFG", cuda_available=True, environ={}, python=PY).env == {}
+    assert plan_launch(args, "train.py", "CFG", cuda_available=False, environ={"DS_ACCELERATOR": "xpu"},
                        python=PY).env == {}
 
 
@@ -98,9 +97,9 @@ SLURM_ENV = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "S
 
 def test_deepspeed_slurm_execs_the_worker_with_rank_variables():
     args = SimpleNamespace(launcher=LauncherArgs(deepspeed_slurm=True, master_port=6001))
-    plan = plan_launch(args, "train.py", "B64", cuda_available=True, environ=SLURM_ENV, python=PY)
+    plan = plan_launch(args, "train.py", "CFG", cuda_available=True, environ=SLURM_ENV, python=PY)
     assert plan.exec_in_place
-    assert plan.argv == [PY, "-u", "train.py", "--neox_args", "B64"]
+    assert plan.argv == [PY, "-u", "train.py", "--neox_args_file", "CFG"]
     assert plan.env == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "8",
                         "MASTER_ADDR": "gpu03", "MASTER_PORT": "6001"}
 

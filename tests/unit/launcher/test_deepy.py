@@ -60,7 +60,7 @@ def test_dry_run_prints_resolved_config_and_command_and_starts_nothing(tmp_path)
     assert resolved["derived"]["world_size"] == 2 and resolved["derived"]["train_batch_size"] == 4
     assert resolved["log_dir"] == str(tmp_path / "run")
     assert "-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500" in command_text
-    assert "train.py --neox_args <base64 of the resolved config" in command_text
+    assert f"train.py --neox_args_file {tmp_path / 'run' / 'neox_args.json'}" in command_text
     assert not (tmp_path / "run").exists()
 
 

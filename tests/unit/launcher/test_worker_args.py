@@ -34,3 +34,15 @@ def test_bad_payload_is_a_config_error():
         parse_worker_args(["--neox_args", "%%%"])
     with pytest.raises(SystemExit):
         parse_worker_args([])
+
+
+def test_workers_read_the_config_file_deepy_writes(args, tmp_path):
+    """The resolved config travels as a file in the run directory (today: a 3.7 KB base64 argument that
+    DeepSpeed's launcher prints whole when a worker fails)."""
+    from megatron.launcher.run_dir import write_resolved_json
+
+    path = write_resolved_json(str(tmp_path), args)
+    assert path == str(tmp_path / "neox_args.json")
+    assert parse_worker_args(["--local_rank=0", "--neox_args_file", path]) == args
+    with pytest.raises(ConfigError, match="cannot read the resolved config"):
+        parse_worker_args(["--neox_args_file", str(tmp_path / "missing.json")])
