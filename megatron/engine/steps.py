@@ -17,8 +17,11 @@ The trainer's loop is the same for both engines; it calls a step function:
 
 Both return device scalars: nothing here waits for the device. The grad norm of plain fp32 training
 (which DeepSpeed does not keep) is measured here with `megatron.mpu.reductions.grad_norm` on the steps
-that log (tensor and pipeline stages summed, the tied copy counted once); the wrappers of bf16/fp16/ZeRO
-record it themselves.
+that log (tensor and pipeline stages summed, the tied copy counted once), and on every step when
+`EngineStep` has a divergence guard (the trainer's: a non-finite norm skips the optimizer step, one host
+read of the norm per step, fp32 without ZeRO only); the wrappers of bf16/fp16/ZeRO record it themselves.
+`PipelineStep` in fp32 does not skip non-finite steps (DeepSpeed's pipeline engine steps inside
+`train_batch`); the trainer's finiteness check before every save still refuses to write NaN state.
 """
 
 from __future__ import annotations
