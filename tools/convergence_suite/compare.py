@@ -4,8 +4,8 @@ A curve is `{step: loss}` from metrics.jsonl (train records, or eval records of 
 Alignment: the variant is compared at the reference's logged steps. A reference step the variant did not
 log is MISSING (the variant stopped early, crashed, or logged at other steps): a failure, since nothing
 shows the curves agree there. Steps only the variant logged are ignored. With `window` > 1 both curves
-are replaced, over the common steps, by their trailing moving averages over `window` points (bf16 suites:
-the band then bounds the drift, not the step-to-step noise). A variant is within the band when at every
+are replaced, over the common steps, by their trailing moving averages over `window` points, compared
+from the first full window on (bf16 suites: the band then bounds the drift, not the step-to-step noise). A variant is within the band when at every
 common step |variant - reference| <= tolerance; a NaN or infinite variant loss is out of the band.
 """
 
@@ -57,8 +57,12 @@ def compare_curves(reference: dict, variant: dict, tolerance: float, window: int
         return result
     ref_values = [float(reference[s]) for s in common]
     var_values = [float(variant[s]) for s in common]
-    if window > 1:
-        ref_values, var_values = moving_average(ref_values, window), moving_average(var_values, window)
+    if window > 1:  # compare from the first full window on
+        ref_values = moving_average(ref_values, window)[window - 1:]
+        var_values = moving_average(var_values, window)[window - 1:]
+        common = common[window - 1:]
+        if not common:
+            return result
     abs_diffs = []
     for step, ref, var in zip(common, ref_values, var_values):
         diff = var - ref if math.isfinite(var) else math.inf
@@ -73,21 +77,24 @@ def compare_curves(reference: dict, variant: dict, tolerance: float, window: int
 
 
 def format_steps(steps: list) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9' (runs of consecutive logged steps; gaps of the log interval count as runs
-    when every gap is the same)."""
-    if not steps:
-        return ""
+    """Steps for a message: [1, 3] -> '1, 3'; [10, 20, 30, 40, 50] -> '10-50 every 10'; [3, 4, 5, 9, 12] ->
+    '3-5, 9, 12' (runs of consecutive steps, at most 8 parts)."""
     steps = sorted(steps)
-    gap = min((b - a for a, b in zip(steps, steps[1:])), default=1)
+    if len(steps) <= 3:
+        return ", ".join(map(str, steps))
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    if len(gaps) == 1:
+        gap = gaps.pop()
+        return f"{steps[0]}-{steps[-1]}" + (f" every {gap}" if gap > 1 else "")
     parts, start, prev = [], steps[0], steps[0]
     for step in steps[1:] + [None]:
-        if step is not None and step - prev == gap:
+        if step is not None and step == prev + 1:
             prev = step
             continue
         parts.append(str(start) if start == prev else f"{start}-{prev}")
         if step is not None:
             start = prev = step
-    return ", ".join(parts)
+    return ", ".join(parts[:8]) + (", ..." if len(parts) > 8 else "")
 
 
 def verdict(returncode: Optional[int], reference_ok: bool, train: Optional[CurveComparison],

@@ -102,6 +102,7 @@ def render_markdown(header: dict, entries: list, png_name: str = "loss_curves.pn
         "",
         f"{header['date']}, commit `{header['commit']}`, suite file `{header['suite_path']}`"
         + (f", {header['pending']} run(s) not finished yet" if header.get("pending") else "") + ".",
+        f"Command: `{header['command']}`." if header.get("command") else "",
         f"Tolerance (suite default): |variant - reference| train loss <= {tol['train_loss']:.3g}, validation loss "
         f"<= {tol['valid_loss']:.3g}, at every logged step of the reference"
         + (f" (moving averages over {tol['window']} points)" if tol["window"] > 1 else "") + ".",
