@@ -39,7 +39,14 @@ for _path in (REPO_ROOT, HERE, os.path.join(HERE, "bench")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from convergence_suite.suite import SuiteError  # noqa: E402
+from bench_config import parse_set  # noqa: E402  (tools/bench's --set / --variant syntax)
+from bench_throughput import parse_variants  # noqa: E402
+from convergence_suite.plot import plot_loss_curves  # noqa: E402
+from convergence_suite.report import build_entry, exit_code, render_markdown, write_results_json  # noqa: E402
+from convergence_suite.runner import Runner, part_configs  # noqa: E402
+from convergence_suite.suite import SuiteError, load_suite  # noqa: E402
+from megatron.neox_args import NeoXArgs  # noqa: E402
+from megatron.neox_args.errors import ConfigError, format_error  # noqa: E402
 
 USAGE_ERROR = 2
 
@@ -79,10 +86,6 @@ def git_commit() -> str:
 
 def validate_configs(suite, runner) -> None:
     """Every launch's config through the config loader (as deepy.py will), before anything runs."""
-    from convergence_suite.runner import part_configs
-    from megatron.neox_args import NeoXArgs
-    from megatron.neox_args.errors import ConfigError, format_error
-
     for run in suite.runs():
         for part, config in part_configs(suite, run, runner.run_dir(run)):
             source = f"{suite.path} run {run.name}" + (f" ({part})" if part else "")
@@ -97,14 +100,6 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     suite_path, out_dir = os.path.abspath(opts.suite), os.path.abspath(opts.out)
     os.chdir(REPO_ROOT)  # config paths (data, tokenizer) are relative to the repository, as for deepy.py
-
-    from bench_config import parse_set
-    from bench_throughput import parse_variants
-    from convergence_suite.plot import plot_loss_curves
-    from convergence_suite.report import build_entry, exit_code, render_markdown, write_results_json
-    from convergence_suite.runner import Runner
-    from convergence_suite.suite import load_suite
-    from megatron.neox_args.errors import ConfigError, format_error
 
     def progress(line: str) -> None:
         print(f"[convergence] {line}", flush=True)
@@ -140,21 +135,21 @@ def main(argv=None) -> int:
         if not run.is_reference:
             progress(f"{run.name} vs {run.reference}: {entry['status']}"
                      + (f" ({'; '.join(entry['reasons'])})" if entry["reasons"] else ""))
-        _write_outputs(out_dir, suite, header, entries, len(runs) - index, plot_loss_curves, render_markdown,
-                       write_results_json, exit_code)
+        write_outputs(out_dir, suite.name, header, entries, pending=len(runs) - index)
     code = exit_code(entries)
     print(open(os.path.join(out_dir, "report.md")).read())
     progress(f"{'PASS' if code == 0 else 'FAIL'}: report in {os.path.join(out_dir, 'report.md')}")
     return code
 
 
-def _write_outputs(out_dir, suite, header, entries, pending, plot, render, write_json, exit_code) -> None:
+def write_outputs(out_dir: str, suite_name: str, header: dict, entries: list, pending: int) -> None:
+    """loss_curves.png, report.md and results.json of the runs so far (`pending` still to run)."""
     header = dict(header, exit_code=exit_code(entries), pending=pending)
     subtitle = f"{header['date']}, commit {header['commit']}" + (f", {pending} run(s) pending" if pending else "")
-    plot(os.path.join(out_dir, "loss_curves.png"), suite.name, entries, subtitle)
+    plot_loss_curves(os.path.join(out_dir, "loss_curves.png"), suite_name, entries, subtitle)
     with open(os.path.join(out_dir, "report.md"), "w") as handle:
-        handle.write(render(header, entries))
-    write_json(os.path.join(out_dir, "results.json"), header, entries)
+        handle.write(render_markdown(header, entries))
+    write_results_json(os.path.join(out_dir, "results.json"), header, entries)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,14 @@ with open(os.path.join(config["log_dir"], "metrics.jsonl"), "w") as out:
         if config["seed"] == 666 and step == 3:
             print("worker 0 died", flush=True)
             sys.exit(3)
+        if config["seed"] == 777 and step == 2:
+            import time
+            time.sleep(60)  # hangs: --timeout must end it
         loss = 6.0 - 0.1 * step * lr / 1.0e-3
         if step % config["log_interval"] == 0:
             print(f"iter {step}/{config['train_iters']} | loss {loss:.4f}", flush=True)
             out.write(json.dumps({"type": "train", "iteration": step, "loss": loss, "tokens_per_s": 100.0}) + "\\n")
+            out.flush()  # as the real logger: a killed run keeps what it logged
         if step % config["eval_interval"] == 0 or step == config["train_iters"]:
             out.write(json.dumps({"type": "eval", "name": "valid", "iteration": step, "loss": loss + 0.1}) + "\\n")
 if config.get("save"):
@@ -117,6 +121,14 @@ def test_non_equivalent_crashed_and_sparse_variants_exit_1(harness, capsys):
     assert "**FAIL: 1/4 variants within tolerance.**" in report
     assert "- **lr3x**: train loss left the band at step 1" in report
     assert "worker 0 died" in capsys.readouterr().out  # the crashed run's last lines are shown
+
+
+def test_a_hanging_run_is_killed_after_the_timeout(harness, capsys):
+    run, tmp_path = harness
+    assert run("--only", "same", "--variant", "hang: seed=777", "--only", "hang", "--timeout", "3") == 1
+    hang = _results(tmp_path)["hang"]
+    assert hang["returncode"] == 124 and hang["last_step"] == 1 and hang["seconds"] < 30
+    assert "killed after 3s (--timeout)" in capsys.readouterr().out
 
 
 def test_reuse_runs_only_what_changed(harness, capsys):
