@@ -96,6 +96,25 @@ def test_fused_cross_entropy_bf16_matches_fp32():
     assert _rel(hb.grad, hidden.grad) < 2e-2 and _rel(wb.grad, weight.grad) < 2e-2
 
 
+def test_fused_cross_entropy_excludes_padded_vocabulary_on_cuda():
+    """The compiled chunk kernels with vocab_size < rows: bf16 loss and gradients over the padded weight
+    equal the fp32 cross entropy over the real rows only (1e-2), the padding rows' gradient exactly 0."""
+    n, h, real, padded = 4096, 256, 1000, 1024
+    hidden = torch.randn(n, h, device="cuda", requires_grad=True)
+    weight = (0.02 * torch.randn(padded, h, device="cuda")).requires_grad_()
+    target = torch.randint(0, real, (n,), device="cuda")
+    reference = torch.nn.functional.cross_entropy(hidden @ weight[:real].t(), target)
+    reference.backward()
+    hb = hidden.detach().bfloat16().requires_grad_()
+    wb = weight.detach().bfloat16().requires_grad_()
+    loss = fused_linear_cross_entropy(hb, wb, target, torch.full((n,), 1.0 / n, device="cuda"), None, 1024,
+                                      vocab_size=real)
+    loss.backward()
+    assert abs(loss.item() - reference.item()) / reference.item() < 1e-2
+    assert _rel(hb.grad, hidden.grad) < 2e-2 and _rel(wb.grad[:real], weight.grad[:real]) < 2e-2
+    assert torch.count_nonzero(wb.grad[real:]) == 0
+
+
 def test_fp32_output_gemm_accumulates_half_products_in_fp32():
     """accumulate_product_fp32 on bf16 inputs: cuBLAS with an fp32 output (available on the GPU machine's
     torch), equal to the fp32 product of the same bf16 values to fp32 GEMM rounding (rel 1e-5), and closer
