@@ -275,7 +275,7 @@ def hf_config(model: ModelArgs, derived: DerivedArgs):
     if family == "gpt_neox":
         return transformers.GPTNeoXConfig(
             **common,
-            hidden_act=model.activation,
+            hidden_act="gelu_new" if (model.activation == "gelu" and model.bias_gelu_fusion) else model.activation,
             hidden_dropout=model.hidden_dropout,
             layer_norm_eps=model.layernorm_epsilon,
             use_parallel_residual=model.gpt_j_residual,
@@ -316,7 +316,9 @@ def model_args_from_hf_config(cfg) -> dict:
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
+        # GPT-NeoX's key counts a gated (SwiGLU) width 3x: 3w with mlp_multiple_of 1 resolves to w exactly
+        intermediate_size=cfg.intermediate_size * (3 if cfg.model_type == "llama" else 1),
+        mlp_multiple_of=1,
         seq_length=cfg.max_position_embeddings,
         max_position_embeddings=cfg.max_position_embeddings,
         pos_emb="rotary",
@@ -327,12 +329,15 @@ def model_args_from_hf_config(cfg) -> dict:
         make_vocab_size_divisible_by=_vocab_divisor(cfg.vocab_size),
     )
     if cfg.model_type == "gpt_neox":
-        if cfg.hidden_act not in ("gelu", "relu"):
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: gelu (exact) or relu")
+        if cfg.hidden_act not in ("gelu", "relu", "gelu_new"):
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: gelu (exact), gelu_new (tanh) or "
+                             f"relu")
+        args.update(bias_gelu_fusion=cfg.hidden_act == "gelu_new")
         args.update(
             rotary_pct=pct, gpt_j_residual=bool(cfg.use_parallel_residual), norm="layernorm",
             layernorm_epsilon=cfg.layer_norm_eps, use_bias_in_norms=True, use_bias_in_mlp=True,
-            activation=cfg.hidden_act, hidden_dropout=float(cfg.hidden_dropout),
+            activation="gelu" if cfg.hidden_act == "gelu_new" else cfg.hidden_act,
+            hidden_dropout=float(cfg.hidden_dropout),
         )
     elif cfg.model_type == "llama":
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

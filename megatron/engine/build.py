@@ -25,7 +25,7 @@ def build_engine(args, model, device_type: str, parallel):
     check_deepspeed_version()
     optimizer = build_optimizer(model, args.optimizer, args.parallel.zero_optimization, device_type)
     scheduler = WarmupDecayLR(optimizer, max_lr=args.optimizer.lr, min_lr=args.lr.min_lr,
-                              warmup_iters=args.derived.warmup_iters, decay_iters=args.derived.lr_decay_iters,
+                              warmup_iters=args.lr.warmup * args.derived.lr_decay_iters, decay_iters=args.derived.lr_decay_iters,
                               decay_style=args.lr.lr_decay_style)
     pipeline = isinstance(model, deepspeed.PipelineModule)
     if pipeline:  # DeepSpeed takes the pipeline module's own grid as mpu: check that it is our layout

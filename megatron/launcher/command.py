@@ -109,6 +109,8 @@ def runner_command(launcher, user_script: str, config_file: str, *, cuda_availab
         if num_gpus is not None:
             argv += ["--num_gpus", str(num_gpus)]
 
+    if launcher.comment is not None:  # validated: launcher slurm; DeepSpeed's runner appends these to srun
+        argv += ["--launcher_args", shlex.join(["--comment", launcher.comment])]
     argv += ["--master_port", str(launcher.master_port)]
     if launcher.master_addr:
         argv += ["--master_addr", launcher.master_addr]

@@ -39,7 +39,10 @@ def init_std(method: str, model: ModelArgs) -> float:
         return 2.0 / (num_layers * math.sqrt(h))
     if method == "scaled_normal":
         return model.init_method_std / math.sqrt(2.0 * num_layers)
-    raise ValueError(f"unknown init method {method!r}: choose normal, small_init, wang_init or scaled_normal")
+    if method == "single_residual_scaled_normal":  # one residual branch per layer (upstream's Mamba init)
+        return model.init_method_std / math.sqrt(num_layers)
+    raise ValueError(f"unknown init method {method!r}: choose normal, scaled_normal, "
+                     f"single_residual_scaled_normal, small_init or wang_init")
 
 
 def parameter_seed(seed: int, key: str) -> int:

@@ -1,7 +1,11 @@
-"""The feed-forward block: gelu / relu MLP, or the gated SwiGLU MLP (Llama).
+"""The feed-forward block: gelu / relu / silu MLP, or the gated SwiGLU MLP (Llama).
 
-    gelu/relu:  y = fc2(act(fc1(x)))
-    swiglu:     y = fc2(silu(gate(x)) * fc1(x))        (fc1 is Llama's up_proj, fc2 its down_proj)
+    gelu/relu/silu:  y = fc2(act(fc1(x)))
+    swiglu:          y = fc2(silu(gate(x)) * fc1(x))        (fc1 is Llama's up_proj, fc2 its down_proj)
+
+gelu is exact (erf), or with `bias_gelu_fusion: true` the tanh approximation
+0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), which is what GPT-NeoX's fused bias+GELU kernel computes
+(HF's `gelu_new`). The width is derived.intermediate_size (GPT-NeoX's rule, derive.mlp_widths).
 
 fc1 and gate are column-parallel (each rank holds intermediate/tp of the columns; the gate and up shards
 of a rank cover the same columns, so the product is local), fc2 is row-parallel.
@@ -28,8 +32,8 @@ class ParallelMLP(nn.Module):
     def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState,
                  dtype: torch.dtype = torch.float32, init: WeightInit | None = None):
         super().__init__()
-        if model.activation not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"activation must be gelu, relu or swiglu, got {model.activation!r}")
+        if model.activation not in ("gelu", "relu", "silu", "swiglu"):
+            raise ValueError(f"activation must be gelu, relu, silu or swiglu, got {model.activation!r}")
         if derived.intermediate_size % parallel.tp_size != 0:
             raise ValueError(
                 f"intermediate_size {derived.intermediate_size} must be divisible by model_parallel_size "
@@ -37,6 +41,7 @@ class ParallelMLP(nn.Module):
             )
         self.activation = model.activation
         init = init or WeightInit(resolve_init_seed(None), "mlp")
+        self.gelu_approximate = "tanh" if model.bias_gelu_fusion else "none"
         column = dict(
             tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, gather_output=False,
             sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
@@ -59,7 +64,9 @@ class ParallelMLP(nn.Module):
         if self.activation == "swiglu":
             inner = F.silu(self.linear_gate(x)) * up
         elif self.activation == "gelu":
-            inner = F.gelu(up)  # exact (erf) gelu, as GPT-NeoX and HF "gelu"
+            inner = F.gelu(up, approximate=self.gelu_approximate)  # erf ("gelu") or tanh ("gelu_new")
+        elif self.activation == "silu":
+            inner = F.silu(up)
         else:
             inner = F.relu(up)
         return self.linear_fc2(inner)  # [s, b, h] or [s/tp, b, h]

@@ -52,6 +52,10 @@ class NeoXArgs:
     derived: DerivedArgs
     sources: dict = field(default_factory=dict, compare=False, repr=False)
     """Key -> the file (or "<dict>") that set it; keys not listed kept their default."""
+    upstream_noops: dict = field(default_factory=dict, compare=False, repr=False)
+    """GPT-NeoX keys accepted without effect here: key -> (file, what it did upstream and why nothing changes)."""
+    upstream_notes: list = field(default_factory=list, compare=False, repr=False)
+    """One line per GPT-NeoX key translated into our keys (precision, fp32_allreduce, DeepSpeed block quirks)."""
 
     # --- construction ------------------------------------------------------------------------------------
 
@@ -115,7 +119,9 @@ class NeoXArgs:
     def _build(cls, settings: Mapping[str, Setting], world_size: Optional[int], check_files: bool) -> "NeoXArgs":
         sections = cls._sections_from(settings)
         sources = {key: setting.source for key, setting in settings.items()}
-        args = cls(**sections, derived=DerivedArgs(), sources=sources)
+        args = cls(**sections, derived=DerivedArgs(), sources=sources,
+                   upstream_noops=dict(getattr(settings, "noops", {})),
+                   upstream_notes=list(getattr(settings, "notes", [])))
         validate_sections(args, sources)
         validate_data(args.data, sources, check_files)
         validate_tokenizer(args.tokenizer, sources, check_files)
@@ -172,6 +178,7 @@ class NeoXArgs:
             config["data_types"] = copy.deepcopy(self.precision.data_types)
         if self.precision.communication_data_type is not None:
             config["communication_data_type"] = self.precision.communication_data_type
+        config.update(copy.deepcopy(self.precision.deepspeed_extra_args))
         return config
 
     def set_vocab_size(self, vocab_size: int) -> None:

@@ -5,10 +5,12 @@
     train_batch_size    = micro * grad_acc * data_parallel_size   (any two given derive the third;
                           only micro given -> grad_acc 1; only train_batch_size given -> grad_acc 1)
     num_kv_heads        = num_kv_heads or num_attention_heads
-    intermediate_size   = intermediate_size, else 4h (gelu/relu) or 256 * ceil((8h/3) / 256) (swiglu)
+    intermediate_size   = GPT-NeoX's MLP width rule (resolve_intermediate_size): I = intermediate_size or 4h;
+                          gelu/relu/silu: I rounded up to mlp_multiple_of; swiglu: I counts 3x the width
     max_position_embeddings = max_position_embeddings or seq_length
     lr_decay_iters      = lr_decay_iters or train_iters
-    warmup_iters        = round(warmup * lr_decay_iters)
+    warmup_iters        = round(warmup * lr_decay_iters) (shown; the schedule uses warmup * lr_decay_iters
+                          unrounded, as GPT-NeoX)
     precision           = bf16 | fp16 | fp32 from the enabled flag of the bf16/fp16 blocks
     padded_vocab_size   = ceil(vocab / (make_vocab_size_divisible_by * tp)) * that multiple (set_vocab_size)
 
@@ -31,13 +33,34 @@ def resolve_num_kv_heads(model: ModelArgs) -> int:
     return model.num_kv_heads if model.num_kv_heads is not None else model.num_attention_heads
 
 
-def resolve_intermediate_size(model: ModelArgs) -> int:
-    """MLP width: intermediate_size, else 4h for gelu/relu, 256 * ceil((8h/3) / 256) for swiglu."""
-    if model.intermediate_size is not None:
-        return model.intermediate_size
+def _round_up(value: int, multiple: int) -> int:
+    return multiple * ((value + multiple - 1) // multiple)
+
+
+def mlp_widths(model: ModelArgs) -> tuple[int, int]:
+    """(fc1 output size, fc2 input size) by GPT-NeoX's ParallelMLP rule, m = mlp_multiple_of:
+
+        I = intermediate_size or 4h
+        gated (swiglu): f = int(I * 2 / 3) (gate and up together), w = f // 2,
+                        f -> round_up(f, 2m), w -> round_up(w, m)
+        else:           f = w = round_up(I, m)
+
+    For swiglu the real width is w and f must equal 2w (upstream splits f into gate and up halves); for the
+    other activations f must equal w. Llama-2 7B: I = 32768, m = 256 -> f = 22016, w = 11008.
+    """
+    size = model.intermediate_size if model.intermediate_size is not None else 4 * model.hidden_size
+    m = model.mlp_multiple_of
     if model.activation == "swiglu":
-        return 256 * math.ceil(8 * model.hidden_size / 3 / 256)
-    return 4 * model.hidden_size
+        fused = int(size * 2 / 3)
+        width = fused // 2
+        return _round_up(fused, 2 * m), _round_up(width, m)
+    width = _round_up(size, m)  # upstream rounds fc1 to 2m and fc2 to m; they differ only for odd sizes at
+    return width, width         # m = 1, where its model fails: here both are the width
+
+
+def resolve_intermediate_size(model: ModelArgs) -> int:
+    """The MLP width (per branch for swiglu) by GPT-NeoX's rule, see mlp_widths."""
+    return mlp_widths(model)[1]
 
 
 def resolve_precision(precision: PrecisionArgs) -> str:

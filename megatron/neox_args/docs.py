@@ -100,7 +100,29 @@ def generate(sections_source: str | None = None) -> str:
         lines += _table(cls, docs.get(cls.__name__, {})) + [""]
     lines += ["## Derived (`DerivedArgs`, computed, not settable)", "", _one_line(DerivedArgs.__doc__ or ""), ""]
     lines += _table(DerivedArgs, docs.get("DerivedArgs", {})) + [""]
+    lines += _upstream_tables()
     return "\n".join(lines)
+
+
+def _upstream_tables() -> list[str]:
+    """The GPT-NeoX key table of megatron/neox_args/upstream.py, as documentation."""
+    from megatron.neox_args import upstream
+
+    lines = ["## GPT-NeoX keys that are not fields", "", _one_line(upstream.__doc__.split("\n\n")[0]), "",
+             "### Renamed (translated into the keys above)", "", "| key | becomes |", "|---|---|"]
+    lines += [f"| `{key}` | {_one_line(text)} |" for key, text in upstream.RENAME_DOCS.items()]
+    lines += ["", "### Accepted, no effect here", "",
+              "| key | what it did upstream, and why nothing changes here | values refused |", "|---|---|---|"]
+    for key, entry in upstream.NOOP_KEYS.items():
+        refused = _one_line(entry.refusal) if entry.refusal else "none"
+        lines.append(f"| `{key}` | {_one_line(entry.why)} | {refused} |")
+    lines += ["", "### Refused (every refused key of every file is listed in one error)", "",
+              "| key | why, and what to do |", "|---|---|"]
+    lines += [f"| `{key}` | {_one_line(text)} |" for key, text in
+              {**upstream.UNSUPPORTED_KEYS, **upstream.NOT_UPSTREAM_KEYS}.items()]
+    lines += [f"| `attention_config` type `{key}` | {_one_line(text)} are not built by this trainer |"
+              for key, text in upstream.ARCHITECTURE_ATTENTION_TYPES.items()]
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import yaml
 from megatron.neox_args.errors import ConfigError
 from megatron.neox_args.registry import FIELDS, closest_key, normalize_key
 from megatron.neox_args.sections import DerivedArgs
+from megatron.neox_args.upstream import classify, translate_renames
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,6 @@ OPTIMIZER_PARAM_KEYS = ("lr", "betas", "eps", "momentum", "weight_decay")
 """Keys allowed under `optimizer.params:`; each is the field of the same name."""
 
 _RENAMED_OR_DERIVED_HINTS = {
-    "precision": "the compute precision is derived from the bf16/fp16 blocks: write `bf16: {enabled: true}` "
-    "(or `fp16: {enabled: true}`) instead; no block enabled means fp32",
     "scheduler": "the learning-rate schedule is set by lr_decay_style, lr_decay_iters, warmup and min_lr",
     "derived": "the derived block is computed, never written; read a serialized config with "
     "NeoXArgs.from_serialized",
@@ -171,8 +170,25 @@ def _expand_optimizer_block(block: Any, source: str) -> list[tuple[str, str, Any
     return items
 
 
-def flatten_mapping(data: Mapping, source: str) -> list[tuple[str, str, Any]]:
-    """One file's top-level mapping -> [(field name, key as spelled, value)], unknown keys rejected."""
+class SettingsMap(dict):
+    """`{field: Setting}` plus what the GPT-NeoX key table did: `noops` ({key: (source, why)}) for accepted
+    keys without effect here, `notes` (one line per translated upstream key)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noops: dict[str, tuple[str, str]] = {}
+        self.notes: list[str] = []
+
+
+def flatten_mapping(data: Mapping, source: str, problems: list | None = None,
+                    upstream: dict | None = None) -> list[tuple[str, str, Any]]:
+    """One file's top-level mapping -> [(field name, key as spelled, value)].
+
+    GPT-NeoX keys that are not fields (upstream.py) go to `upstream` ({key: (value, spelling, kind, why)});
+    every refused or unknown key is appended to `problems` as (key, message). Without `problems` the first
+    one is raised.
+    """
+    collect = problems if problems is not None else []
     items: list[tuple[str, str, Any]] = []
     for raw_key, value in data.items():
         if not isinstance(raw_key, str):
@@ -184,15 +200,41 @@ def flatten_mapping(data: Mapping, source: str) -> list[tuple[str, str, Any]]:
         elif key in FIELDS:
             items.append((key, raw_key, value))
         else:
-            raise _unknown_key_error(raw_key, source)
+            kind, why = classify(key, value)
+            if kind in ("noop", "rename") and upstream is not None:
+                upstream[key] = (value, raw_key, kind, why)
+            elif kind == "refuse":
+                collect.append((key, f"{why} ({source})"))
+            else:
+                collect.append((key, str(_unknown_key_error(raw_key, source))))
+        if problems is None and collect:
+            raise ConfigError(collect[0][1], key=collect[0][0], sources=[source])
     return items
 
 
-def merge_settings(documents: Iterable[tuple[Mapping, str]]) -> dict[str, Setting]:
-    """Merge `(mapping, source)` pairs left to right into `{field: Setting}`; a repeated field is an error."""
-    merged: dict[str, Setting] = {}
+def _refuse_all(problems: list[tuple[str, str]], sources: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(problems[0][1], key=problems[0][0], sources=sources)
+    lines = "\n".join(f"  - {message}" for _, message in problems)
+    return ConfigError(f"{len(problems)} keys cannot be used as written (every one is listed; keys of GPT-NeoX "
+                       f"that only tune its kernels or logging are accepted, see docs/CONFIG.md):\n{lines}",
+                       key=problems[0][0], sources=sources)
+
+
+def merge_settings(documents: Iterable[tuple[Mapping, str]]) -> SettingsMap:
+    """Merge `(mapping, source)` pairs left to right into `{field: Setting}`; a repeated field is an error.
+
+    Every unknown or refused key of every file is reported in one ConfigError. GPT-NeoX renames
+    (`precision`, `fp32_allreduce`, ...) are applied after the merge (upstream.translate_renames).
+    """
+    merged = SettingsMap()
+    problems: list[tuple[str, str]] = []
+    raw_upstream: dict[str, tuple[Any, str, str]] = {}
+    seen_sources: list[str] = []
     for data, source in documents:
-        for key, spelling, value in flatten_mapping(data, source):
+        seen_sources.append(source)
+        upstream: dict = {}
+        for key, spelling, value in flatten_mapping(data, source, problems, upstream):
             if key in merged:
                 first = merged[key]
                 raise ConfigError(
@@ -202,4 +244,27 @@ def merge_settings(documents: Iterable[tuple[Mapping, str]]) -> dict[str, Settin
                     key=key, sources=[first.source, source],
                 )
             merged[key] = Setting(value, source, spelling)
+        for key, (value, spelling, kind, why) in upstream.items():
+            previous = raw_upstream.get(key) or (merged.noops.get(key) and (None, merged.noops[key][0], key))
+            if previous:
+                raise ConfigError(f"`{key}` is set twice: in {previous[1]} and in {source}. Each key may be set "
+                                  f"only once across all config files; remove one of them.",
+                                  key=key, sources=[previous[1], source])
+            if kind == "noop":
+                merged.noops[key] = (source, why)
+            else:
+                raw_upstream[key] = (value, source, spelling)
+    if problems:
+        raise _refuse_all(problems, seen_sources)
+
+    def get(field_name: str):
+        setting = merged.get(field_name)
+        return None if setting is None else (setting.value, setting.source, setting.spelling)
+
+    translated, notes, refusals = translate_renames(raw_upstream, get)
+    if refusals:
+        raise _refuse_all([(r.split(" ", 1)[0], r) for r in refusals], seen_sources)
+    for field_name, (value, source, spelling) in translated.items():
+        merged[field_name] = Setting(value, source, spelling)
+    merged.notes = notes
     return merged

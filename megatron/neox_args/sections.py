@@ -31,7 +31,16 @@ class ModelArgs:
     """Key/value heads for grouped-query attention; None means num_attention_heads (plain multi-head)."""
 
     intermediate_size: Optional[int] = None
-    """MLP inner width; None means 4*h for gelu/relu and 256*ceil((8h/3)/256) for swiglu (Llama's rule)."""
+    """MLP inner size with GPT-NeoX's meaning; None means 4*h. For gelu/relu/silu it is the MLP width
+    (rounded up to mlp_multiple_of). For the gated swiglu it is 3x the real width, as upstream counts it:
+    width = ceil((int(I * 2/3) // 2) / m) * m with m = mlp_multiple_of (Llama-2 7B: I = 32768, m = 256 gives
+    11008); with no intermediate_size a swiglu MLP is therefore 4h/3 wide. The resolved width is
+    derived.intermediate_size."""
+
+    mlp_multiple_of: int = 1
+    """Round the MLP width up to a multiple of this (GPT-NeoX's key; Llama configs use 256). For swiglu the
+    fused gate+up size int(I * 2/3) is rounded up to 2 * mlp_multiple_of and must equal twice the width;
+    settings where upstream's two roundings disagree (and upstream's model would fail) are refused."""
 
     seq_length: int = 128
     """Training sequence length in tokens."""
@@ -39,7 +48,7 @@ class ModelArgs:
     max_position_embeddings: Optional[int] = None
     """Longest position the model supports; None means seq_length. Must be >= seq_length."""
 
-    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    pos_emb: Literal["rotary", "learned", "none"] = "learned"
     """Position embedding: rotary (RoPE), learned absolute, or none."""
 
     rotary_pct: float = 1.0
@@ -60,8 +69,8 @@ class ModelArgs:
     layernorm_epsilon: float = 1.0e-5
     """Epsilon of LayerNorm."""
 
-    rms_norm_epsilon: float = 1.0e-6
-    """Epsilon of RMSNorm."""
+    rms_norm_epsilon: float = 1.0e-8
+    """Epsilon of RMSNorm (GPT-NeoX's default 1e-8; Llama checkpoints use 1e-5 or 1e-6)."""
 
     use_bias_in_norms: bool = True
     """LayerNorm has a bias (ignored for RMSNorm, which never has one)."""
@@ -72,15 +81,25 @@ class ModelArgs:
     use_bias_in_mlp: bool = True
     """MLP projections have biases."""
 
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
-    """MLP activation; swiglu uses a gated MLP (Llama)."""
+    activation: Literal["gelu", "relu", "silu", "swiglu"] = "gelu"
+    """MLP activation: gelu (exact, erf), relu, silu (not gated), or swiglu (gated: silu(gate(x)) * up(x),
+    Llama)."""
 
-    init_method: Literal["normal", "small_init", "wang_init"] = "small_init"
-    """Init of input-side weights (QKV, fc1, embedding): normal(init_method_std), small_init
-    (std = sqrt(2/(5h)), Nguyen & Salazar 2019) or wang_init (std = 2/(L*sqrt(h)))."""
+    bias_gelu_fusion: bool = False
+    """GPT-NeoX's key: true makes `activation: gelu` the tanh approximation
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (what upstream's fused bias+GELU kernel computes, HF's
+    `gelu_new`); false is the exact erf GELU. No effect on other activations."""
 
-    output_layer_init_method: Literal["normal", "small_init", "wang_init", "scaled_normal"] = "wang_init"
-    """Init of output-side weights (attention out, fc2): as init_method, plus scaled_normal
+    init_method: Literal["normal", "scaled_normal", "single_residual_scaled_normal", "small_init",
+                         "wang_init"] = "normal"
+    """Init of input-side weights (QKV, fc1, embedding): normal(init_method_std), scaled_normal
+    (std = init_method_std / sqrt(2L)), single_residual_scaled_normal (init_method_std / sqrt(L)),
+    small_init (std = sqrt(2/(5h)), Nguyen & Salazar 2019) or wang_init (std = 2/(L*sqrt(h))).
+    GPT-NeoX's default: normal."""
+
+    output_layer_init_method: Literal["normal", "scaled_normal", "single_residual_scaled_normal", "small_init",
+                                      "wang_init"] = "scaled_normal"
+    """Init of output-side weights (attention out, fc2): the same choices; GPT-NeoX's default scaled_normal
     (std = init_method_std / sqrt(2L))."""
 
     init_method_std: float = 0.02
@@ -147,17 +166,17 @@ class OptimizerArgs:
     optimizer_type: Literal["Adam", "AdamW", "SGD"] = "AdamW"
     """Optimizer (YAML `optimizer.type`). Adam and AdamW both decouple weight decay (AdamW semantics)."""
 
-    lr: float = 6.0e-4
-    """Peak learning rate (YAML `optimizer.params.lr`)."""
+    lr: Optional[float] = None
+    """Peak learning rate (YAML `optimizer.params.lr`). Required, as in GPT-NeoX."""
 
-    betas: tuple = (0.9, 0.95)
-    """Adam betas (YAML `optimizer.params.betas`)."""
+    betas: tuple = (0.9, 0.999)
+    """Adam betas (YAML `optimizer.params.betas`); the default is torch's and GPT-NeoX's (0.9, 0.999)."""
 
     eps: float = 1.0e-8
     """Adam epsilon (YAML `optimizer.params.eps`)."""
 
-    weight_decay: float = 0.01
-    """Decoupled weight decay; never applied to norms, biases or 1-D parameters. A top-level key (GPT-NeoX
+    weight_decay: float = 0.1
+    """Decoupled weight decay (GPT-NeoX's default 0.1); never applied to norms, biases or 1-D parameters. A top-level key (GPT-NeoX
     style), also accepted as `optimizer.params.weight_decay` (not both)."""
 
     momentum: float = 0.0
@@ -168,8 +187,10 @@ class OptimizerArgs:
 class LRArgs:
     """Learning-rate schedule: linear warmup, then decay to min_lr."""
 
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
-    """Shape of the decay after warmup."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = "linear"
+    """Shape of the decay after warmup (GPT-NeoX's default linear); see megatron/training/lr_schedule.py
+    for the exact formulas, which are GPT-NeoX's: linear runs toward 0 at lr_decay_iters and is clamped at
+    min_lr, cosine keeps following the cosine past lr_decay_iters (clamped at min_lr)."""
 
     lr_decay_iters: Optional[int] = None
     """Iterations over which to decay; None means train_iters."""
@@ -200,13 +221,13 @@ class DataArgs:
     """Prefixes blended for test."""
 
     train_data_weights: Optional[list] = None
-    """Blending weights of train_data_paths (default: proportional to size)."""
+    """Blending weights of train_data_paths (default: equal weights, as GPT-NeoX)."""
 
     valid_data_weights: Optional[list] = None
-    """Blending weights of valid_data_paths."""
+    """Blending weights of valid_data_paths (default: equal)."""
 
     test_data_weights: Optional[list] = None
-    """Blending weights of test_data_paths."""
+    """Blending weights of test_data_paths (default: equal)."""
 
     split: str = "969,30,1"
     """Train,valid,test proportions of data_path's documents."""
@@ -225,12 +246,18 @@ class DataArgs:
 class TokenizerArgs:
     """Which tokenizer turns text into ids (used by preprocessing and for vocab size)."""
 
-    tokenizer_type: Literal["HFTokenizer", "GPT2BPETokenizer", "ByteLevelTokenizer"] = "ByteLevelTokenizer"
-    """HFTokenizer (a tokenizer.json), GPT2BPETokenizer (vocab.json + merges.txt), or ByteLevelTokenizer
-    (256 bytes + end-of-document, needs no files)."""
+    tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer",
+                            "CharLevelTokenizer", "TiktokenTokenizer", "ByteLevelTokenizer"] = "GPT2BPETokenizer"
+    """GPT2BPETokenizer (vocab.json + merges.txt; GPT-NeoX's default), HFTokenizer (a tokenizer.json),
+    HFGPT2Tokenizer (GPT-2's vocab.json + merges.txt through transformers' GPT2TokenizerFast, eod
+    `<|endoftext|>`), SPMTokenizer (a SentencePiece .model; eod is its `</s>`/eos id), CharLevelTokenizer
+    (one id per Unicode code point below 512, upstream's rule; eod 0; no file), TiktokenTokenizer (a tiktoken
+    encoding name such as cl100k_base as vocab_file, read from tiktoken's local cache, or a .tiktoken BPE
+    file; eod `<|endoftext|>`), or ByteLevelTokenizer (256 bytes + end-of-document, needs no files)."""
 
     vocab_file: Optional[str] = None
-    """tokenizer.json for HFTokenizer, vocab.json for GPT2BPETokenizer."""
+    """tokenizer.json for HFTokenizer, vocab.json for GPT2BPETokenizer/HFGPT2Tokenizer, the .model file for
+    SPMTokenizer, an encoding name or .tiktoken file for TiktokenTokenizer."""
 
     merge_file: Optional[str] = None
     """merges.txt for GPT2BPETokenizer."""
@@ -245,6 +272,12 @@ class PrecisionArgs:
 
     fp16: dict = field(default_factory=lambda: {"enabled": False})
     """DeepSpeed fp16 block with loss scaling, e.g. {enabled: true, loss_scale: 0, initial_scale_power: 16}."""
+
+    deepspeed_extra_args: dict = field(default_factory=dict)
+    """Extra top-level blocks merged into the DeepSpeed config as given (GPT-NeoX's key), e.g.
+    `{comms_logger: {enabled: true}}` or `{flops_profiler: {...}}`. A block this trainer writes itself
+    (batch sizes, gradient_clipping, bf16, fp16, zero_optimization, data_types, ...) is refused here: set it
+    through its own key."""
 
     data_types: dict = field(default_factory=dict)
     """DeepSpeed data_types block: {grad_accum_dtype: fp32} accumulates bf16/fp16 gradients in fp32 (DeepSpeed's
@@ -285,7 +318,7 @@ class TrainingArgs:
     eval_interval: int = 1000
     """Run evaluation every this many iterations (and at the end)."""
 
-    eval_iters: int = 10
+    eval_iters: int = 100
     """Batches per evaluation."""
 
     checkpoint_activations: bool = False
@@ -293,6 +326,13 @@ class TrainingArgs:
 
     checkpoint_num_layers: int = 1
     """Layers per checkpointed chunk."""
+
+    partition_activations: bool = False
+    """With checkpoint_activations and model_parallel_size > 1: each tensor-parallel rank keeps only its
+    1/tp slice of every checkpointed chunk's input (the `[s, b, h]` tensor, identical on all tp ranks) and
+    the full tensor is all-gathered again when the chunk is recomputed in backward (GPT-NeoX/DeepSpeed's
+    key). Same numbers, 1/tp of the checkpoint memory. No effect without checkpoint_activations or at
+    model_parallel_size 1."""
 
     torch_compile: Optional[bool] = None
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,
@@ -319,6 +359,10 @@ class CheckpointArgs:
     checkpoint_factor: Optional[int] = None
     """Save every this many iterations (and always at the end when save is set)."""
 
+    extra_save_iters: Optional[list] = None
+    """Iterations at which to save a checkpoint in addition to every checkpoint_factor (GPT-NeoX's key;
+    Pythia saves at [0, 1, 2, 4, ..., 512]); 0 saves the initial weights before the first step."""
+
     keep_last_n_checkpoints: Optional[int] = None
     """Delete older checkpoints, keeping this many (None keeps all)."""
 
@@ -339,7 +383,7 @@ class CheckpointArgs:
 class LoggingArgs:
     """What the run reports, and where."""
 
-    log_interval: int = 10
+    log_interval: int = 100
     """Print a metrics line every this many iterations."""
 
     log_dir: Optional[str] = None
@@ -356,6 +400,12 @@ class LoggingArgs:
 
     wandb_group: Optional[str] = None
     """W&B group."""
+
+    wandb_team: Optional[str] = None
+    """W&B team (entity) the run is logged under; None: the API key's default entity."""
+
+    wandb_host: str = "https://api.wandb.ai"
+    """W&B server URL (a self-hosted server), GPT-NeoX's key and default."""
 
     peak_flops_per_device: Optional[float] = None
     """Peak dense bf16 FLOP/s of one device, for MFU; None picks a default by device name (H100 989e12)."""
@@ -396,6 +446,10 @@ class LauncherArgs:
 
     deepspeed_slurm: bool = False
     """Started by srun: read ranks from Slurm's environment instead of launching."""
+
+    comment: Optional[str] = None
+    """Slurm job comment (GPT-NeoX's key, some clusters require one): passed to srun as `--comment` with
+    `launcher: slurm`. With deepspeed_slurm (srun already started) give it to your own srun instead."""
 
 
 SECTIONS = {

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron.neox_args.derive import resolve_intermediate_size, resolve_num_kv_heads
+from megatron.neox_args.derive import mlp_widths, resolve_intermediate_size, resolve_num_kv_heads
 from megatron.neox_args.errors import ConfigError, where
 
 _POSITIVE_INTS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
-              "seq_length", "max_position_embeddings", "rotary_emb_base", "make_vocab_size_divisible_by"),
+              "seq_length", "max_position_embeddings", "rotary_emb_base", "make_vocab_size_divisible_by",
+              "mlp_multiple_of"),
     "parallel": ("model_parallel_size",),
     "lr": ("lr_decay_iters",),
     "training": ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -26,7 +27,7 @@ _POSITIVE_INTS = {
 
 _NON_NEGATIVE = {
     "parallel": ("pipe_parallel_size",),
-    "optimizer": ("lr", "weight_decay", "momentum"),
+    "optimizer": ("weight_decay", "momentum"),
     "lr": ("min_lr",),
     "training": ("gradient_clipping", "eval_iters", "seed", "max_consecutive_nonfinite_steps"),
     "data": ("num_workers",),
@@ -85,6 +86,16 @@ def _check_model(model: Any, sources: Mapping[str, str]) -> None:
         raise fail(sources, f"num_attention_heads: {heads} is not divisible by num_kv_heads: {kv} {{where}}; "
                             f"each key/value head must serve a whole group of query heads. Choose num_kv_heads "
                             f"dividing {heads}.", "num_attention_heads", "num_kv_heads")
+    fused, width = mlp_widths(model)
+    expected = 2 * width if model.activation == "swiglu" else width
+    if fused != expected:
+        raise fail(sources, f"intermediate_size: {model.intermediate_size} with mlp_multiple_of: "
+                            f"{model.mlp_multiple_of} and activation: {model.activation} {{where}} gives GPT-NeoX's "
+                            f"MLP rule a first projection of {fused} but a width of {width} (it needs "
+                            f"{expected}); upstream's model would fail on these shapes too. Choose "
+                            f"intermediate_size so that both roundings agree (e.g. a multiple of "
+                            f"{6 * model.mlp_multiple_of} for swiglu, of {model.mlp_multiple_of} otherwise).",
+                   "intermediate_size", "mlp_multiple_of")
     max_pos = model.max_position_embeddings
     if max_pos is not None and model.seq_length > max_pos:
         raise fail(sources, f"seq_length: {model.seq_length} is longer than max_position_embeddings: {max_pos} "
@@ -195,12 +206,45 @@ def _check_optimizer_and_schedule(args: Any, sources: Mapping[str, str]) -> None
             or not all(0.0 <= b < 1.0 for b in betas)):
         raise fail(sources, f"betas: {list(betas)} must be two numbers in [0, 1) {{where}}, e.g. [0.9, 0.95].",
                    "betas")
+    if args.optimizer.lr is None:
+        raise fail(sources, "no learning rate is set {where}; lr is required (as in GPT-NeoX): write "
+                            "`optimizer: {type: Adam, params: {lr: 6.0e-4}}` or `lr: 6.0e-4`.", "lr")
+    if args.optimizer.lr < 0:
+        raise fail(sources, f"lr: {args.optimizer.lr} must not be negative {{where}}.", "lr")
     if args.optimizer.lr < args.lr.min_lr:
         raise fail(sources, f"lr: {args.optimizer.lr} is below min_lr: {args.lr.min_lr} {{where}}; the schedule "
                             f"decays from lr down to min_lr. Lower min_lr or raise lr.", "lr", "min_lr")
     if not 0.0 <= args.lr.warmup <= 1.0:
         raise fail(sources, f"warmup: {args.lr.warmup} must be in [0, 1] {{where}}; it is a fraction of "
                             f"lr_decay_iters (e.g. 0.01 = 1% of the decay).", "warmup")
+
+
+DEEPSPEED_KEYS_WRITTEN_HERE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                               "gradient_clipping", "bf16", "fp16", "zero_optimization", "steps_per_print",
+                               "wall_clock_breakdown", "timers", "data_types", "communication_data_type",
+                               "optimizer", "scheduler", "activation_checkpointing")
+"""DeepSpeed config blocks this trainer writes itself (NeoXArgs.deepspeed_config); not allowed in
+deepspeed_extra_args."""
+
+
+def _check_upstream_extras(args: Any, sources: Mapping[str, str]) -> None:
+    saves = args.checkpoint.extra_save_iters
+    if saves is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in saves):
+        raise fail(sources, f"extra_save_iters: {saves!r} must be a list of iterations (integers >= 0) {{where}}, "
+                            f"e.g. [0, 1, 2, 4, 8].", "extra_save_iters")
+    extra = args.precision.deepspeed_extra_args
+    clash = sorted(set(extra) & set(DEEPSPEED_KEYS_WRITTEN_HERE))
+    if clash:
+        raise fail(sources, f"deepspeed_extra_args sets {clash} {{where}}, which this trainer writes into the "
+                            f"DeepSpeed config itself; set them through their own keys (docs/CONFIG.md) and keep "
+                            f"only other DeepSpeed blocks (comms_logger, flops_profiler, ...) here.",
+                   "deepspeed_extra_args")
+    launcher = args.launcher
+    if launcher.comment is not None and (launcher.launcher != "slurm" or launcher.deepspeed_slurm):
+        how = ("with deepspeed_slurm srun is already running: pass --comment to your own srun"
+               if launcher.deepspeed_slurm else "set launcher: slurm (with a hostfile), or remove comment")
+        raise fail(sources, f"comment: {launcher.comment!r} is a Slurm job comment, passed to srun only by "
+                            f"launcher: slurm {{where}}; {how}.", "comment", "launcher")
 
 
 def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
@@ -210,3 +254,4 @@ def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
     _check_parallel(args, sources)
     _check_precision(args, sources)
     _check_optimizer_and_schedule(args, sources)
+    _check_upstream_extras(args, sources)

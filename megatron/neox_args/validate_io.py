@@ -96,22 +96,36 @@ def validate_data(data: Any, sources: Mapping[str, str], check_files: bool = Tru
                          f"{part}_data_weights", getattr(data, f"{part}_data_weights"), sources, check_files)
 
 
+_TOKENIZER_FILES = {
+    "HFTokenizer": "a tokenizer.json", "GPT2BPETokenizer": "a vocab.json",
+    "HFGPT2Tokenizer": "a directory holding GPT-2's vocab.json and merges.txt, or the vocab.json",
+    "SPMTokenizer": "a SentencePiece .model file",
+    "TiktokenTokenizer": "a tiktoken encoding name such as cl100k_base, or a .tiktoken file",
+}
+
+
 def validate_tokenizer(tokenizer: Any, sources: Mapping[str, str], check_files: bool = True) -> None:
     """Check the tokenizer section (see module docstring)."""
     kind = tokenizer.tokenizer_type
     needed = {"HFTokenizer": ("vocab_file",), "GPT2BPETokenizer": ("vocab_file", "merge_file"),
-              "ByteLevelTokenizer": ()}[kind]
+              "HFGPT2Tokenizer": ("vocab_file",), "SPMTokenizer": ("vocab_file",), "TiktokenTokenizer": ("vocab_file",),
+              "CharLevelTokenizer": (), "ByteLevelTokenizer": ()}[kind]
     for key in ("vocab_file", "merge_file"):
         value = getattr(tokenizer, key)
         if key in needed and value is None:
-            what = "a tokenizer.json" if kind == "HFTokenizer" else (
-                "a vocab.json" if key == "vocab_file" else "a merges.txt")
-            raise fail(sources, f"tokenizer_type: {kind} needs {key} ({what}) {{where}}; set {key}, or use "
-                                f"tokenizer_type: ByteLevelTokenizer, which needs no files.", key, "tokenizer_type")
+            what = _TOKENIZER_FILES[kind] if key == "vocab_file" else "a merges.txt"
+            default = " (GPT-NeoX's default tokenizer)" if "tokenizer_type" not in sources else ""
+            raise fail(sources, f"tokenizer_type: {kind}{default} needs {key} ({what}) {{where}}; set {key}, or "
+                                f"use tokenizer_type: ByteLevelTokenizer, which needs no files.", key,
+                       "tokenizer_type")
         if key not in needed and value is not None:
             raise fail(sources, f"{key}: {value!r} is set but tokenizer_type {kind} does not use it {{where}}; "
                                 f"remove {key} or change tokenizer_type.", key, "tokenizer_type")
     for key in needed if check_files else ():
         value = getattr(tokenizer, key)
+        if kind == "TiktokenTokenizer" and not value.endswith(".tiktoken") and os.sep not in value:
+            continue  # an encoding name (cl100k_base), read from tiktoken's cache when the tokenizer is built
+        if kind == "HFGPT2Tokenizer" and Path(value).is_dir():
+            continue
         if not Path(value).is_file():
             raise fail(sources, f"{key}: tokenizer file {value} does not exist {{where}}; fix the path.", key)

@@ -1,53 +1,61 @@
-"""Learning-rate schedule: linear warmup, then constant, linear or cosine decay to `min_lr`.
+"""Learning-rate schedule: GPT-NeoX's AnnealingLR formulas (linear warmup, then a decay style).
 
-With `t` = optimizer steps already taken, `W` = warmup steps and `D` = decay steps (`lr_decay_iters`):
+With `t` = optimizer steps already taken (0 for the first step), `W` = warmup * lr_decay_iters (a float,
+not rounded, as upstream), `E` = lr_decay_iters and `lr` = the peak:
 
-    t <  W:       lr(t) = max_lr * (t + 1) / W                       (the first step already moves)
-    W <= t <  D:  p = (t - W) / (D - W)
-                  constant: lr = max_lr
-                  linear:   lr = min_lr + (max_lr - min_lr) * (1 - p)
-                  cosine:   lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * p)) / 2
-    t >= D:       lr = min_lr  (max_lr for constant)
+    t <= W (and W > 0):  lr(t) = lr * max(1, t) / W        (steps 0 and 1 both use lr / W, as upstream)
+    t >  W, n = t - W:
+        constant:     lr
+        linear:       lr * (E - t) / (E - W)               (toward 0 at E, not toward min_lr)
+        cosine:       min_lr + (lr - min_lr) / 2 * (1 + cos(pi * n / (E - W)))   (keeps following the
+                      cosine past E, back up toward lr, as upstream does; train_iters <= E avoids it)
+        exponential:  lr * exp(-0.693 * n / (E - W))       (halves every E - W steps)
+    finally:          max(that, min_lr)
 
-DeepSpeed calls `step()` after every optimizer step it takes (skipped fp16 overflow steps included, as
-in GPT-NeoX); the state is the step count alone, saved with the checkpoint.
+Upstream's linear decay reaches min_lr before E when min_lr > 0 (it runs toward 0 and is clamped), and its
+cosine past E is its documented behaviour; both are matched here on purpose. DeepSpeed calls `step()` after
+every optimizer step it takes (skipped fp16 overflow steps included, as in GPT-NeoX); the state is the step
+count alone, saved with the checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 
+DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
+
 
 class WarmupDecayLR:
     """Sets `lr` of every param group of `optimizer` from the formula above."""
 
-    def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
+    def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: float, decay_iters: int,
                  decay_style: str):
-        if decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_decay_style must be constant, linear or cosine, got {decay_style!r}")
+        if decay_style not in DECAY_STYLES:
+            raise ValueError(f"lr_decay_style must be one of {DECAY_STYLES}, got {decay_style!r}")
         self.optimizer = optimizer
         self.max_lr = max_lr
         self.min_lr = min_lr
-        self.warmup_iters = warmup_iters
-        self.decay_iters = max(decay_iters, warmup_iters)
+        self.warmup_iters = float(warmup_iters)
+        self.decay_iters = max(1, decay_iters)
         self.decay_style = decay_style
         self.num_steps = 0
         self._apply(self.lr_at(0))
 
     def lr_at(self, step: int) -> float:
         """The learning rate used by optimizer step number `step` (0-based)."""
-        if step < self.warmup_iters:
-            return self.max_lr * (step + 1) / self.warmup_iters
-        if self.decay_style == "constant":
-            return self.max_lr
-        if step >= self.decay_iters:
-            return self.min_lr
-        progress = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
-        if self.decay_style == "linear":
-            scale = 1.0 - progress
+        warmup, end = self.warmup_iters, self.decay_iters
+        if warmup > 0 and step <= warmup:
+            return self.max_lr * max(1, step) / warmup
+        span = end - warmup
+        if self.decay_style == "constant" or span <= 0:
+            lr = self.max_lr
+        elif self.decay_style == "linear":
+            lr = self.max_lr * (end - step) / span
+        elif self.decay_style == "cosine":
+            lr = self.min_lr + (self.max_lr - self.min_lr) / 2.0 * (math.cos(math.pi * (step - warmup) / span) + 1)
         else:
-            scale = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_lr + (self.max_lr - self.min_lr) * scale
+            lr = self.max_lr * math.exp(-0.693 * (step - warmup) / span)
+        return max(lr, self.min_lr)
 
     def step(self, increment: int = 1) -> None:
         self.num_steps += increment

@@ -88,6 +88,7 @@ def test_tensor_parallel_checkpoint_is_merged(tmp_path):
 
     sections = {name: cls() for name, cls in SECTIONS.items()}
     sections["parallel"].model_parallel_size = 2
+    sections["model"].pos_emb = "rotary"
     args = NeoXArgs(**sections, derived=DerivedArgs(num_kv_heads=4, intermediate_size=512,
                                                     max_position_embeddings=128, padded_vocab_size=256))
     torch.manual_seed(0)

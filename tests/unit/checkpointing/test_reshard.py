@@ -99,7 +99,7 @@ def test_vocab_divisor_keeps_the_padded_size():
 def test_resharded_args_validate_against_a_config_at_the_new_size():
     base = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
             "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 2,
-            "train_iters": 1, "make_vocab_size_divisible_by": 64, "sequence_parallel": True}
+            "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_iters": 1, "make_vocab_size_divisible_by": 64, "sequence_parallel": True}
     saved = NeoXArgs.from_dict(dict(base, model_parallel_size=2), world_size=4)
     saved.set_vocab_size(257)
     new = resharded_args(saved, 1)

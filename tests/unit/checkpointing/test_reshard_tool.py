@@ -17,7 +17,8 @@ from megatron.neox_args import NeoXArgs
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 CONFIG = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 8, "num_kv_heads": 4, "seq_length": 16,
-          "norm": "rmsnorm", "activation": "swiglu", "intermediate_size": 64, "make_vocab_size_divisible_by": 64,
+          "norm": "rmsnorm", "activation": "swiglu", "intermediate_size": 192, "pos_emb": "rotary",
+          "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "make_vocab_size_divisible_by": 64,
           "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 2,
           "train_iters": 1, "model_parallel_size": 2}
 

@@ -13,7 +13,7 @@ from megatron.neox_args import NeoXArgs
 CONFIG = {
     "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8,
     "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 1,
-    "train_iters": 10,
+    "train_iters": 10, "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer",
 }
 
 

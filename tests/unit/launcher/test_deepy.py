@@ -19,7 +19,9 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 ECHO_WORKER = os.path.join("tests", "unit", "launcher", "echo_worker.py")
 BASE_CONFIG = ("train_micro_batch_size_per_gpu: 2\n"
                "gradient_accumulation_steps: 1\n"
-               "data_path: data/bundled/pystdlib_text_document\n")
+               "data_path: data/bundled/pystdlib_text_document\n"
+               "tokenizer_type: ByteLevelTokenizer\n"
+               "lr: 6.0e-4\n")
 LAUNCH_TIMEOUT_S = 300  # DeepSpeed's runner and the workers import torch/deepspeed; slow on a busy 2-core box
 
 

@@ -12,7 +12,7 @@ BUNDLED = "data/bundled/pystdlib_text_document"
 def args():
     return NeoXArgs.from_dict({"num_gpus": 2, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
                                "hidden_size": 96, "num_attention_heads": 3, "data_path": BUNDLED,
-                               "betas": [0.9, 0.99], "log_dir": "runs/x y"})
+                               "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "betas": [0.9, 0.99], "log_dir": "runs/x y"})
 
 
 def test_round_trip_is_exact(args):

@@ -7,7 +7,8 @@ VOCAB = 128
 
 def make_args(**overrides):
     """A tiny ModelArgs and the DerivedArgs the model needs (resolved as the config loader would)."""
-    fields = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, intermediate_size=64)
+    fields = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, intermediate_size=64,
+                  pos_emb="rotary")
     fields.update(overrides)
     model = ModelArgs(**fields)
     derived = DerivedArgs(

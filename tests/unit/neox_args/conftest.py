@@ -7,6 +7,8 @@ import pytest
 MINIMAL = {
     "data_path": "data/bundled/pystdlib_text_document",
     "train_micro_batch_size_per_gpu": 2,
+    "tokenizer_type": "ByteLevelTokenizer",
+    "lr": 6.0e-4,
 }
 """The smallest dict that validates on its own (bundled data is not checked on disk)."""
 

@@ -7,7 +7,7 @@ import pytest
 from megatron.neox_args import SECTIONS, ConfigError, NeoXArgs, format_error
 
 RICH = {
-    "data_path": "data/bundled/pystdlib_text_document",
+    "data_path": "data/bundled/pystdlib_text_document", "tokenizer_type": "ByteLevelTokenizer",
     "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "model_parallel_size": 2,
     "num_layers": 3, "hidden_size": 96, "num_attention_heads": 6, "num_kv_heads": 2, "activation": "swiglu",
     "norm": "rmsnorm", "optimizer": {"type": "Adam", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
@@ -38,7 +38,7 @@ def test_from_serialized_skips_file_checks_and_keeps_derived(tmp_path):
     prefix = tmp_path / "c"
     for suffix in (".bin", ".idx"):
         (tmp_path / f"c{suffix}").write_bytes(b"")
-    args = NeoXArgs.from_dict({"data_path": str(prefix), "train_micro_batch_size_per_gpu": 2}, world_size=8)
+    args = NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "data_path": str(prefix), "train_micro_batch_size_per_gpu": 2}, world_size=8)
     for suffix in (".bin", ".idx"):
         (tmp_path / f"c{suffix}").unlink()
     back = NeoXArgs.from_serialized(args.serialize())  # data gone, still loads
@@ -93,7 +93,8 @@ def test_deepspeed_config(rich):
 
 
 def test_input_dict_is_not_mutated_or_aliased():
-    source = {"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
+    source = {"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+              "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer"}
     args = NeoXArgs.from_dict(source, world_size=1)
     args.precision.bf16["enabled"] = False
     assert source["bf16"] == {"enabled": True}
@@ -101,7 +102,7 @@ def test_input_dict_is_not_mutated_or_aliased():
 
 def test_error_formatting_is_one_self_contained_paragraph():
     with pytest.raises(ConfigError) as err:
-        NeoXArgs.from_dict({"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1,
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1,
                             "num_layers": "four"}, source="my.yml", world_size=1)
     assert isinstance(err.value, ValueError)
     text = format_error(err.value)
@@ -112,4 +113,4 @@ def test_error_formatting_is_one_self_contained_paragraph():
 
 def test_world_size_argument_checked():
     with pytest.raises(ConfigError, match="world_size 0"):
-        NeoXArgs.from_dict({"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1}, world_size=0)
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 1}, world_size=0)

@@ -6,7 +6,7 @@ import pytest
 
 from megatron.neox_args import ConfigError, NeoXArgs
 
-DATA = {"data_path": "data/bundled/pystdlib_text_document"}
+DATA = {"data_path": "data/bundled/pystdlib_text_document", "tokenizer_type": "ByteLevelTokenizer", "lr": 6.0e-4}
 
 
 @pytest.mark.parametrize("batch, world_size, tp, expected", [
@@ -47,12 +47,21 @@ def _args(**overrides):
 @pytest.mark.parametrize("overrides, expected", [
     ({"hidden_size": 128, "activation": "gelu"}, 512),
     ({"hidden_size": 128, "activation": "relu"}, 512),
-    ({"hidden_size": 2048, "num_attention_heads": 16, "activation": "swiglu"}, 5632),   # 256*ceil(5461.3/256)
-    ({"hidden_size": 4096, "num_attention_heads": 32, "activation": "swiglu"}, 11008),  # Llama-7B
-    ({"hidden_size": 128, "activation": "swiglu", "intermediate_size": 300}, 300),
+    ({"hidden_size": 128, "activation": "gelu", "intermediate_size": 1000, "mlp_multiple_of": 256}, 1024),
+    # GPT-NeoX's gated rule: 4h (or intermediate_size) counts 3x the width, rounded up to mlp_multiple_of
+    ({"hidden_size": 2048, "num_attention_heads": 16, "activation": "swiglu", "mlp_multiple_of": 256}, 2816),
+    ({"hidden_size": 4096, "num_attention_heads": 32, "activation": "swiglu", "intermediate_size": 32768,
+      "mlp_multiple_of": 256}, 11008),  # Llama-2 7B as upstream's configs/llama2/7B.yml writes it
+    ({"hidden_size": 128, "activation": "swiglu", "intermediate_size": 900}, 300),
 ])
 def test_intermediate_size(overrides, expected):
     assert _args(**overrides).derived.intermediate_size == expected
+
+
+def test_gated_width_whose_roundings_disagree_is_refused():
+    # upstream: fc1 rounded to 5462 (2 x 2731) but fc2 takes 2730, and its model fails; here a clear error
+    with pytest.raises(ConfigError, match="first projection of 5462 but a width of 2730"):
+        _args(hidden_size=2048, num_attention_heads=16, activation="swiglu")
 
 
 def test_resolved_model_and_schedule_values():

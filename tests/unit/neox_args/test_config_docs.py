@@ -33,7 +33,8 @@ def test_table_row_contents():
     text = generate()
     assert "| `norm` | `Literal['layernorm', 'rmsnorm']` | `'layernorm'` | Normalization layer. |" in text
     assert "| `zero_optimization` | `dict` | `{'stage': 0}` |" in text
-    assert "| `betas` | `tuple` | `[0.9, 0.95]` |" in text
+    assert "| `betas` | `tuple` | `[0.9, 0.999]` |" in text
+    assert "| `rope_fusion` |" in text and "| `sparsity_config` |" in text  # the GPT-NeoX key tables
     assert "## Derived (`DerivedArgs`, computed, not settable)" in text
 
 

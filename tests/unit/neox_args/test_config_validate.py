@@ -13,7 +13,8 @@ CASES = [
      ["seq_length: 256", "max_position_embeddings: 128", "at least 256"]),
     ({"rotary_pct": 0.0}, 1, ["rotary_pct: 0.0", "(0, 1]"]),
     ({"rotary_pct": 1.5}, 1, ["rotary_pct: 1.5", "(0, 1]"]),
-    ({"hidden_size": 24, "num_attention_heads": 4, "rotary_pct": 0.5}, 1, ["3 rotary dimensions", "even"]),
+    ({"hidden_size": 24, "num_attention_heads": 4, "rotary_pct": 0.5, "pos_emb": "rotary"}, 1,
+     ["3 rotary dimensions", "even"]),
     ({"pipe_parallel_size": 4, "num_layers": 3}, 4,
      ["num_layers: 3 is less than pipe_parallel_size: 4", "at most 3", "at least 4"]),
     ({"pipe_parallel_size": 2, "num_layers": 2, "zero_optimization": {"stage": 2}}, 2,
@@ -35,7 +36,7 @@ CASES = [
      ["seq_length: 127", "model_parallel_size: 2"]),
     ({"checkpoint_factor": 0}, 1, ["checkpoint_factor: 0", "positive"]),
     ({"keep_last_n_checkpoints": 0}, 1, ["keep_last_n_checkpoints: 0"]),
-    ({"optimizer": {"params": {"lr": 1e-4}}, "min_lr": 1e-3}, 1, ["lr: 0.0001", "min_lr: 0.001"]),
+    ({"lr": 1e-4, "min_lr": 1e-3}, 1, ["lr: 0.0001", "min_lr: 0.001"]),
     ({"warmup": 1.5}, 1, ["warmup: 1.5", "[0, 1]"]),
     ({"split": "90,10"}, 1, ["split: '90,10'", "3 comma-separated"]),
     ({"split": "90,-1,10"}, 1, ["split"]),
@@ -113,28 +114,28 @@ def _prefix(tmp_path, name):
 
 def test_data_path_and_train_data_paths_exclusive(tmp_path):
     with pytest.raises(ConfigError, match="both set.*choose one"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": "data/bundled/a",
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "data_path": "data/bundled/a",
                             "train_data_paths": ["data/bundled/b"]}, world_size=1)
     with pytest.raises(ConfigError, match="no training data"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1}, world_size=1)
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1}, world_size=1)
 
 
 def test_missing_data_files_name_key_and_path(tmp_path):
     prefix = str(tmp_path / "corpus")
     with pytest.raises(ConfigError, match=rf"data_path: data file {prefix}\.bin does not exist"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": prefix}, world_size=1)
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "data_path": prefix}, world_size=1)
     (tmp_path / "corpus.bin").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"corpus\.idx does not exist"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": prefix}, world_size=1)
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "data_path": prefix}, world_size=1)
     good = _prefix(tmp_path, "good")
     with pytest.raises(ConfigError, match=rf"train_data_paths: data file {prefix}\.idx"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "train_data_paths": [good, prefix]},
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "train_data_paths": [good, prefix]},
                            world_size=1)
 
 
 def test_blended_paths_and_weights(tmp_path):
     a, b = _prefix(tmp_path, "a"), _prefix(tmp_path, "b")
-    base = {"train_micro_batch_size_per_gpu": 1, "train_data_paths": [a, b], "valid_data_paths": [a]}
+    base = {"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "train_data_paths": [a, b], "valid_data_paths": [a]}
     args = NeoXArgs.from_dict({**base, "train_data_weights": [0.3, 0.7]}, world_size=1)
     assert args.data.train_data_paths == [a, b]
     with pytest.raises(ConfigError, match="train_data_weights has 1 entries but train_data_paths has 2"):
@@ -144,7 +145,7 @@ def test_blended_paths_and_weights(tmp_path):
     with pytest.raises(ConfigError, match="non-negative"):
         NeoXArgs.from_dict({**base, "train_data_weights": [1.0, -1.0]}, world_size=1)
     with pytest.raises(ConfigError, match="valid_data_paths is set together with data_path"):
-        NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": "data/bundled/x",
+        NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "data_path": "data/bundled/x",
                             "valid_data_paths": [a]}, world_size=1)
 
 
@@ -161,7 +162,7 @@ def test_tokenizer_files_must_exist(minimal, tmp_path):
 
 
 def test_bundled_prefix_is_not_checked_on_disk_in_any_spelling():
-    args = NeoXArgs.from_dict({"train_micro_batch_size_per_gpu": 1, "data_path": "./data/bundled/nothing_here"},
+    args = NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "data_path": "./data/bundled/nothing_here"},
                               world_size=1)
     assert args.data.data_path == "./data/bundled/nothing_here"
 

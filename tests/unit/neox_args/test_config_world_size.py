@@ -69,7 +69,7 @@ def test_select_resources_keeps_host_order():
 
 
 def test_from_dict_computes_world_size(hostfile):
-    args = NeoXArgs.from_dict({"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 2,
+    args = NeoXArgs.from_dict({"lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer", "data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 2,
                                "hostfile": hostfile, "num_gpus": 2, "model_parallel_size": 2})
     assert args.derived.world_size == 6 and args.derived.data_parallel_size == 3
     assert args.derived.train_batch_size == 6

@@ -1,3 +1,5 @@
+"""The schedule follows GPT-NeoX's AnnealingLR formulas exactly (values computed by hand from them)."""
+
 import math
 
 import pytest
@@ -13,29 +15,41 @@ def make(style, warmup=10, decay=110, max_lr=1.0, min_lr=0.1):
                               decay_style=style)
 
 
-@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
-def test_warmup_is_linear_and_starts_above_zero(style):
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine", "exponential"])
+def test_warmup_is_upstreams_max_1_t_over_w(style):
     opt, sched = make(style)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # (0 + 1) / 10 of max_lr before the first step
-    for step in range(1, 10):
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # step 0: lr * max(1, 0) / 10
+    for step in range(1, 11):
         sched.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx((step + 1) / 10)
+        assert opt.param_groups[0]["lr"] == pytest.approx(max(1, step) / 10)
 
 
-def test_cosine_midpoint_and_end():
+def test_fractional_warmup_is_not_rounded():
+    _, sched = make("constant", warmup=2.5, decay=100)
+    assert [sched.lr_at(t) for t in range(4)] == pytest.approx([0.4, 0.4, 0.8, 1.0])
+
+
+def test_cosine_midpoint_end_and_past_the_end():
     _, sched = make("cosine")
-    assert sched.lr_at(10) == pytest.approx(1.0)
     assert sched.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
     assert sched.lr_at(85) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
     assert sched.lr_at(110) == pytest.approx(0.1)
-    assert sched.lr_at(10_000) == pytest.approx(0.1)
+    # upstream keeps following the cosine after lr_decay_iters: back up toward the peak
+    assert sched.lr_at(160) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1.5)))
 
 
-def test_linear_and_constant():
+def test_linear_runs_toward_zero_and_clamps_at_min_lr():
     _, linear = make("linear")
-    assert linear.lr_at(35) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert linear.lr_at(35) == pytest.approx(1.0 * (110 - 35) / 100)  # not min_lr + (max - min) * ...
+    assert linear.lr_at(100) == pytest.approx(0.1)  # 0.1 reached at t = 100, before lr_decay_iters
+    assert linear.lr_at(105) == pytest.approx(0.1) and linear.lr_at(10_000) == pytest.approx(0.1)
+
+
+def test_constant_and_exponential():
     _, constant = make("constant")
     assert constant.lr_at(500) == pytest.approx(1.0)
+    _, exponential = make("exponential", min_lr=0.0)
+    assert exponential.lr_at(110) == pytest.approx(math.exp(-0.693))
 
 
 def test_state_dict_round_trip():
