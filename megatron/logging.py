@@ -87,6 +87,9 @@ def format_train_line(iteration: int, total_iters: Optional[int], values: dict) 
     return " | ".join(parts)
 
 
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
 def _open_wandb(logging_args, run_dir: Optional[str], config: dict):
     """Start a W&B run; offline unless an API key (or an explicit WANDB_MODE) is set, so it never prompts."""
     try:
@@ -97,8 +100,13 @@ def _open_wandb(logging_args, run_dir: Optional[str], config: dict):
             "or set use_wandb: false."
         ) from err
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    # wandb reads the server URL from WANDB_BASE_URL (GPT-NeoX's wandb_host); the default host leaves a URL
+    # already in the environment alone
+    if logging_args.wandb_host != DEFAULT_WANDB_HOST or "WANDB_BASE_URL" not in os.environ:
+        os.environ["WANDB_BASE_URL"] = logging_args.wandb_host
     return wandb.init(
         project=logging_args.wandb_project,
+        entity=logging_args.wandb_team,
         group=logging_args.wandb_group,
         name=os.path.basename(os.path.normpath(run_dir)) if run_dir else None,
         dir=run_dir,

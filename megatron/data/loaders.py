@@ -7,7 +7,7 @@ Samples needed (global, over all data-parallel ranks):
 
 Sources: either `data_path` (one dataset whose documents are split by `split`, e.g. "969,30,1", into
 train/valid/test ranges in file order), or `train/valid/test_data_paths` (each list blended by its
-weights, default proportional to each dataset's token count). A split without documents (or without
+weights, default equal, as GPT-NeoX). A split without documents (or without
 paths) gives None in place of its iterator.
 """
 
@@ -74,8 +74,8 @@ def _blend(name: str, prefixes: Sequence[str], weights, num_samples: int, seq_le
     indexed = [open_dataset(p, vocab_size, cache_dir) for p in prefixes]
     if len(indexed) == 1:
         return GPTDataset(name, indexed[0], np.arange(len(indexed[0])), num_samples, seq_length, seed, cache_dir)
-    if weights is None:
-        weights = [ds.num_tokens() for ds in indexed]
+    if weights is None:  # GPT-NeoX's default: equal weights, whatever the sizes
+        weights = [1.0] * len(indexed)
     if len(weights) != len(indexed):
         raise ValueError(f"{name}_data_weights has {len(weights)} entries for {len(indexed)} {name}_data_paths")
     counts = samples_per_dataset(weights, num_samples)

@@ -138,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     if cli.dry_run:
         print(f"# resolved config (saved as {args.logging.log_dir}/config.yml when launched)")
         print(resolved_config_yaml(args), end="")
+        from megatron.launcher.dry_run import describe
+
+        print(describe(args), end="")
         print("# launch command")
         print(plan.display())
         return 0

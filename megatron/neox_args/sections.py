@@ -328,11 +328,11 @@ class TrainingArgs:
     """Layers per checkpointed chunk."""
 
     partition_activations: bool = False
-    """With checkpoint_activations and model_parallel_size > 1: each tensor-parallel rank keeps only its
-    1/tp slice of every checkpointed chunk's input (the `[s, b, h]` tensor, identical on all tp ranks) and
-    the full tensor is all-gathered again when the chunk is recomputed in backward (GPT-NeoX/DeepSpeed's
-    key). Same numbers, 1/tp of the checkpoint memory. No effect without checkpoint_activations or at
-    model_parallel_size 1."""
+    """GPT-NeoX's key: split each checkpointed activation across the tensor-parallel ranks. It changes memory
+    only, never the numbers, and does nothing upstream either at model_parallel_size 1 or without
+    checkpoint_activations, so it is accepted there; true with checkpoint_activations at
+    model_parallel_size > 1 is refused (not implemented here: use sequence_parallel, which shards the
+    saved activations across the tensor ranks)."""
 
     torch_compile: Optional[bool] = None
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,

@@ -22,6 +22,16 @@ from megatron.mpu.reductions import data_parallel_mean
 from megatron.training.divergence import DivergenceError, DivergenceGuard, all_finite
 
 
+def save_due(checkpoint, iteration: int) -> bool:
+    """Whether to save after `iteration` optimizer steps (0: the initial weights): every checkpoint_factor
+    steps, and at each of extra_save_iters (GPT-NeoX's rule); never without `save`."""
+    if not checkpoint.save:
+        return False
+    factor = checkpoint.checkpoint_factor
+    extra = checkpoint.extra_save_iters or ()
+    return bool((factor and iteration > 0 and iteration % factor == 0) or iteration in extra)
+
+
 class Trainer:
     """The loop. `step` is a step function of megatron/engine/steps.py (`EngineStep` without pipeline,
     `PipelineStep` with); the default is the `EngineStep` for `model`."""
@@ -112,8 +122,7 @@ class Trainer:
         return loss
 
     def _should_save(self) -> bool:
-        factor = self.args.checkpoint.checkpoint_factor
-        return bool(self.args.checkpoint.save and factor and self.progress.iteration % factor == 0)
+        return save_due(self.args.checkpoint, self.progress.iteration)
 
     def save(self) -> str:
         if not all_finite(self.engine, self.model):  # never write a checkpoint from NaN/inf state
@@ -147,6 +156,9 @@ class Trainer:
         last_saved = None
         # weights, optimizer states and gradient buffers, before any activation exists
         self._static_memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        if self.progress.iteration == 0 and save_due(self.args.checkpoint, 0):  # extra_save_iters: [0, ...]
+            self.save()
+            last_saved = 0
         interval_start = time.perf_counter()
         steps_in_interval = 0
         while self.progress.iteration < training.train_iters:

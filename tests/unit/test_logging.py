@@ -191,3 +191,18 @@ def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     MetricsLogger(args, str(tmp_path / "run8"), 0, {}, stream=io.StringIO()).close()
     assert calls["init"]["mode"] == "online"
+
+
+def test_wandb_team_and_host(tmp_path, monkeypatch):
+    calls = {}
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        calls["url"] = os.environ.get("WANDB_BASE_URL")
+        return types.SimpleNamespace(log=lambda data, step: None, finish=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    args = LoggingArgs(use_wandb=True, wandb_team="eleutherai", wandb_host="https://wandb.example.org")
+    MetricsLogger(args, str(tmp_path / "r"), 0, {}, stream=io.StringIO()).close()
+    assert calls["init"]["entity"] == "eleutherai" and calls["url"] == "https://wandb.example.org"
