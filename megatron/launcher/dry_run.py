@@ -39,7 +39,7 @@ def parameter_counts(args) -> dict:
 
 
 def describe(args) -> str:
-    """The dry-run report (YAML comments and a JSON block), see the module docstring."""
+    """The dry-run report as YAML comment lines (the JSON of the DeepSpeed config is indented after `#   `)."""
     lines = []
     try:
         counts = parameter_counts(args)
@@ -48,8 +48,9 @@ def describe(args) -> str:
                      f"{counts['padded_vocab_size']:,}, full model at tensor-parallel size 1)")
     except Exception as err:  # a tokenizer file that is not on this machine: show the rest anyway
         lines.append(f"# parameters: not counted: the tokenizer could not be built here ({err})")
-    lines.append("# DeepSpeed config passed to deepspeed.initialize")
-    lines.append(json.dumps(args.deepspeed_config(), indent=2, sort_keys=True))
+    lines.append("# DeepSpeed config passed to deepspeed.initialize (JSON; YAML comments keep the output one "
+                 "YAML document)")
+    lines += ["#   " + line for line in json.dumps(args.deepspeed_config(), indent=2, sort_keys=True).splitlines()]
     for note in args.upstream_notes:
         lines.append(f"# GPT-NeoX key translated: {note}")
     for key, (source, why) in sorted(args.upstream_noops.items()):

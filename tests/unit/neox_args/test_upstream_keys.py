@@ -200,7 +200,12 @@ def test_dry_run_shows_parameter_count_and_deepspeed_config(write):
 
     counts = parameter_counts(args)
     assert f"# parameters: {counts['total']:,} total, {counts['without_embedding_and_output']:,} without" in text
-    ds_text = text.split("# DeepSpeed config passed to deepspeed.initialize\n", 1)[1].split("\n}\n", 1)[0] + "\n}"
-    assert json.loads(ds_text) == args.deepspeed_config()
+    block = text.split("# DeepSpeed config passed to deepspeed.initialize", 1)[1].split("\n", 1)[1]
+    ds_lines = []
+    for line in block.splitlines():
+        if not line.startswith("#   "):
+            break
+        ds_lines.append(line[4:])
+    assert json.loads("\n".join(ds_lines)) == args.deepspeed_config()
     assert "GPT-NeoX key accepted, no effect here: rope_fusion" not in text
     assert "GPT-NeoX key accepted, no effect here: synchronize_each_layer" in text
