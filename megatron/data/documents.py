@@ -2,7 +2,7 @@
 
 Formats:
 - `jsonl`: one JSON object per line; each requested key (default `text`) holds one document's text.
-  Files ending in `.gz` are read through gzip. Blank lines are skipped.
+  Files ending in `.gz` are read through gzip, `.zst` through zstandard. Blank lines are skipped.
 - `text`: each file is ONE document (its whole content, UTF-8). Split a big file yourself, or convert it to
   jsonl, if you want finer documents.
 """
@@ -20,6 +20,13 @@ INPUT_FORMATS = ("jsonl", "text")
 def _open_text(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".zst"):  # the Pile's .jsonl.zst
+        import io
+
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
+                                encoding="utf-8")
     return open(path, encoding="utf-8")
 
 

@@ -30,9 +30,10 @@ def output_prefix_for_key(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def _init_worker(tokenizer_spec: SimpleNamespace, append_eod: bool) -> None:
+def _init_worker(tokenizer_spec: SimpleNamespace, append_eod: bool, fix_text: bool = False) -> None:
     _worker_state["tokenizer"] = build_tokenizer(tokenizer_spec)
     _worker_state["append_eod"] = append_eod
+    _worker_state["ftfy"] = fix_text
 
 
 def _encode_document(doc: dict[str, str]) -> tuple[dict[str, np.ndarray], int]:
@@ -41,6 +42,13 @@ def _encode_document(doc: dict[str, str]) -> tuple[dict[str, np.ndarray], int]:
     encoded, n_bytes = {}, 0
     for key, text in doc.items():
         n_bytes += len(text.encode("utf-8"))
+        if _worker_state.get("ftfy"):
+            import ftfy
+
+            text = ftfy.fix_text(text)
+        if not text:  # an empty document is skipped, as GPT-NeoX does
+            encoded[key] = None
+            continue
         if hasattr(tokenizer, "tokenize_to_array"):
             ids = tokenizer.tokenize_to_array(text).astype(np.int64)
         else:
@@ -62,12 +70,16 @@ def preprocess_documents(
     desc: str = "tokenizing",
     show_progress: bool = True,
     output_prefixes: dict[str, str] | None = None,
+    fix_text: bool = False,
 ) -> dict[str, str]:
     """Tokenize `documents` (dicts `{key: text}`) and write one indexed dataset per key.
 
     `tokenizer_spec` has `tokenizer_type`, `vocab_file`, `merge_file` (a TokenizerArgs). Output prefixes
     are `<output_prefix>_<key>_document` unless `output_prefixes` maps keys to explicit prefixes.
-    Returns {key: prefix written}. The progress bar shows docs/s and input MB/s.
+    Returns {key: prefix written}. The progress bar shows docs/s and input MB/s. Empty documents are
+    skipped; `fix_text` runs ftfy.fix_text first. The files are written under temporary names and renamed
+    over `<prefix>.bin/.idx` only when complete (a failure leaves any older pair untouched and no partial
+    files); no document at all is an error (ValueError), and nothing is written.
     """
     spec = SimpleNamespace(
         tokenizer_type=tokenizer_spec.tokenizer_type,
@@ -79,14 +91,39 @@ def preprocess_documents(
     prefixes = dict(output_prefixes) if output_prefixes else {k: output_prefix_for_key(output_prefix, k) for k in keys}
     for prefix in prefixes.values():
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    builders = {k: IndexedDatasetBuilder(prefixes[k] + ".bin", dtype=dtype) for k in keys}
+    suffix = f".tmp-{os.getpid()}"
+    builders = {k: IndexedDatasetBuilder(prefixes[k] + ".bin" + suffix, dtype=dtype) for k in keys}
+    counts = {k: 0 for k in keys}
+    try:
+        _write(builders, counts, documents, keys, spec, append_eod, fix_text, workers, total_bytes, desc,
+               show_progress)
+        empty = [k for k in keys if counts[k] == 0]
+        if empty:
+            raise ValueError(f"no documents to write for key(s) {empty}: the input holds no non-empty "
+                             f"document{'' if len(keys) == 1 else ' under those keys'}; nothing was written. "
+                             f"Check the input files and --jsonl-keys.")
+        for key in keys:
+            builders[key].finalize(index_file_path(prefixes[key]) + suffix)
+        for key in keys:  # complete: the new pair replaces any older one (the .idx last)
+            os.replace(prefixes[key] + ".bin" + suffix, prefixes[key] + ".bin")
+            os.replace(index_file_path(prefixes[key]) + suffix, index_file_path(prefixes[key]))
+    finally:
+        for key in keys:
+            for path in (prefixes[key] + ".bin" + suffix, index_file_path(prefixes[key]) + suffix):
+                if os.path.exists(path):
+                    os.remove(path)
+    return prefixes
 
+
+def _write(builders, counts, documents, keys, spec, append_eod, fix_text, workers, total_bytes, desc,
+           show_progress) -> None:
+    """Tokenize `documents` into the builders (in input order), counting the documents per key."""
     if workers > 1:
-        pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(spec, append_eod))
+        pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(spec, append_eod, fix_text))
         encoded_stream = pool.imap(_encode_document, documents, chunksize=16)
     else:
         pool = None
-        _init_worker(spec, append_eod)
+        _init_worker(spec, append_eod, fix_text)
         encoded_stream = map(_encode_document, documents)
 
     start, n_bytes_done = time.perf_counter(), 0
@@ -97,8 +134,11 @@ def preprocess_documents(
     try:
         for encoded, n_bytes in encoded_stream:
             for key in keys:
+                if encoded[key] is None:
+                    continue
                 builders[key].add_item(encoded[key])
                 builders[key].end_document()
+                counts[key] += 1
             n_bytes_done += n_bytes
             bar.update(1)
             if bar.n % 256 == 0:
@@ -110,9 +150,6 @@ def preprocess_documents(
         if pool is not None:
             pool.close()
             pool.join()
-    for key in keys:
-        builders[key].finalize(index_file_path(prefixes[key]))
-    return prefixes
 
 
 def preprocess_files(
@@ -124,8 +161,13 @@ def preprocess_files(
     append_eod: bool = False,
     workers: int = 1,
     show_progress: bool = True,
+    fix_text: bool = False,
 ) -> dict[str, str]:
-    """`preprocess_documents` over jsonl or text files (see `megatron.data.documents` for the formats)."""
+    """`preprocess_documents` over jsonl or text files (see `megatron.data.documents` for the formats).
+    A missing input file is a FileNotFoundError naming it, raised before anything is written."""
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"input file(s) {missing} do not exist; nothing was written. Fix --input.")
     keys = ("text",) if input_format == "text" else tuple(jsonl_keys)
     return preprocess_documents(
         iter_documents(inputs, input_format, keys),
@@ -136,4 +178,5 @@ def preprocess_files(
         workers=workers,
         total_bytes=total_input_bytes(inputs),
         show_progress=show_progress,
+        fix_text=fix_text,
     )

@@ -51,10 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step100 (default: latest)")
     parser.add_argument("--output", required=True, help="HF model directory to write")
     opts = parser.parse_args(argv)
+    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
+        raise SystemExit(f"convert_neox_to_hf.py: error: --output {opts.output} is an existing file, not a "
+                         f"directory; the HF model is a directory (config.json + model.safetensors). Choose "
+                         f"another path or remove the file.")
     try:
         out = convert(opts.load, opts.output, opts.tag)
     except CheckpointError as exc:
         raise SystemExit(f"convert_neox_to_hf.py: error: {exc}") from None
+    written = os.path.join(out, "config.json")
+    if not os.path.isfile(written):  # never report a write that did not happen
+        raise SystemExit(f"convert_neox_to_hf.py: error: nothing was written to {out} ({written} is missing).")
     print(f"wrote {out}")
 
 

@@ -28,10 +28,14 @@ from megatron.tokenizer import TOKENIZER_TYPES  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True, help="input files (jsonl, jsonl.gz, or text)")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="input files (jsonl, jsonl.gz, jsonl.zst, or text); GPT-NeoX's comma-separated list too")
     g.add_argument("--input-format", choices=INPUT_FORMATS, default="jsonl",
                    help="jsonl: one JSON document per line; text: one document per file")
     g.add_argument("--jsonl-keys", nargs="+", default=["text"], help="jsonl keys to tokenize (one dataset each)")
+    g.add_argument("--num-docs", type=int, default=None,
+                   help="GPT-NeoX's hint of the document count (for its progress bar); the bar counts itself here")
+    g.add_argument("--ftfy", action="store_true", help="fix unicode with ftfy.fix_text before tokenizing")
     g = p.add_argument_group("tokenizer (same meaning as the config keys)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
     g.add_argument("--vocab-file", default=None, help="tokenizer.json (HFTokenizer) or vocab.json (GPT2BPETokenizer)")
@@ -40,16 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--dataset-impl", choices=["mmap"], default="mmap", help="GPT-NeoX's flag; mmap is the format")
+    g.add_argument("--log-interval", type=int, default=None,
+                   help="GPT-NeoX's progress print interval; the progress bar here refreshes itself")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
     spec = SimpleNamespace(tokenizer_type=a.tokenizer_type, vocab_file=a.vocab_file, merge_file=a.merge_file)
-    written = preprocess_files(
-        a.input, a.output_prefix, spec, input_format=a.input_format, jsonl_keys=a.jsonl_keys,
-        append_eod=a.append_eod, workers=a.workers,
-    )
+    inputs = [path for item in a.input for path in item.split(",") if path]
+    try:
+        written = preprocess_files(
+            inputs, a.output_prefix, spec, input_format=a.input_format, jsonl_keys=a.jsonl_keys,
+            append_eod=a.append_eod, workers=a.workers, fix_text=a.ftfy,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"preprocess_data.py: {err}") from None
     for key, prefix in written.items():
         print(f"{key}: wrote {prefix}.bin and {prefix}.idx (data_path: {prefix})")
 
