@@ -157,6 +157,7 @@ class GPTModel(nn.Module):
 
     Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
+    (`partition_activations`: each tensor rank keeps only its 1/tp slice of a chunk's input)
     (`mpu.random.checkpoint`, dropout masks replayed); `torch_compile` compiles each layer in place.
     """
 
@@ -169,6 +170,7 @@ class GPTModel(nn.Module):
         *,
         checkpoint_activations: bool = False,
         checkpoint_num_layers: int = 1,
+        partition_activations: bool = False,
         torch_compile: bool = False,
         init_seed: int | None = None,
     ):
@@ -184,6 +186,10 @@ class GPTModel(nn.Module):
         self.tied = not model.no_weight_tying
         self.checkpoint_activations = checkpoint_activations
         self.checkpoint_num_layers = checkpoint_num_layers
+        # the checkpointed [s, b, h] input is replicated over the tensor ranks (not under sequence parallelism,
+        # where it is already a [s/tp, b, h] shard): keep 1/tp of it (mpu.random.checkpoint)
+        self.partition_group = parallel.tp_group if (partition_activations and not parallel.sequence_parallel) \
+            else None
         self.fused_cross_entropy = model.fused_cross_entropy
         self.cross_entropy_chunk_size = model.cross_entropy_chunk_size
         self.vocab_size = real_vocab_size(derived)  # ids >= it are padding: no probability
@@ -222,7 +228,8 @@ class GPTModel(nn.Module):
         n = len(self.layers)
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             for start in range(0, n, self.checkpoint_num_layers):
-                x = checkpoint(self._run_layers(start, min(start + self.checkpoint_num_layers, n)), x)
+                x = checkpoint(self._run_layers(start, min(start + self.checkpoint_num_layers, n)), x,
+                               partition_group=self.partition_group)
         else:
             x = self._run_layers(0, n)(x)
 

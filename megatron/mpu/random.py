@@ -116,7 +116,7 @@ def model_parallel_seed(seed: int, state: Any, tracker: Optional[RNGStatesTracke
     tracker.add(MODEL_PARALLEL_RNG, seed + MODEL_PARALLEL_SEED_OFFSET + state.tp_rank)
 
 
-def checkpoint(fn: Callable, *args, tracker: Optional[RNGStatesTracker] = None):
+def checkpoint(fn: Callable, *args, tracker: Optional[RNGStatesTracker] = None, partition_group=None):
     """Activation checkpointing: run `fn(*args)` without keeping its activations; recompute in backward.
 
     The recompute sees the same default RNG state (CPU and CUDA, via torch's `preserve_rng_state`)
@@ -124,7 +124,23 @@ def checkpoint(fn: Callable, *args, tracker: Optional[RNGStatesTracker] = None):
     the tracker's states after the recompute are put back to what they were before it.
     Built on `torch.utils.checkpoint.checkpoint(use_reentrant=False)`: inputs need not require grad,
     and outputs may be tensors or tuples of tensors.
+
+    `partition_group` (GPT-NeoX's partition_activations): the first argument `x` `[..., h]`, replicated on
+    the ranks of that tensor-parallel group, is kept between forward and backward only as this rank's slice
+    `x_r = x[..., r*h/p:(r+1)*h/p]` (scatter_to_tensor_parallel_region: backward all-gathers the gradient)
+    and all-gathered back to `[..., h]` inside the checkpointed function (forward and recompute;
+    gather_from_tensor_parallel_region: backward keeps this rank's slice of the replicated gradient).
+    Values and gradients are unchanged; the checkpoint holds 1/p of `x`.
     """
+    from megatron.mpu.mappings import gather_from_tensor_parallel_region, group_size, \
+        scatter_to_tensor_parallel_region
+
+    if partition_group is not None and group_size(partition_group) > 1:
+        def gathered(x_local, *rest):
+            return fn(gather_from_tensor_parallel_region(x_local, partition_group), *rest)
+
+        x_local = scatter_to_tensor_parallel_region(args[0], partition_group)  # [..., h/p], a copy
+        return checkpoint(gathered, x_local, *args[1:], tracker=tracker)
     tracker = tracker if tracker is not None else _RNG_TRACKER
     forward_tracker_states = tracker.get_states()
     calls = {"n": 0}

@@ -328,11 +328,11 @@ class TrainingArgs:
     """Layers per checkpointed chunk."""
 
     partition_activations: bool = False
-    """GPT-NeoX's key: split each checkpointed activation across the tensor-parallel ranks. It changes memory
-    only, never the numbers, and does nothing upstream either at model_parallel_size 1 or without
-    checkpoint_activations, so it is accepted there; true with checkpoint_activations at
-    model_parallel_size > 1 is refused (not implemented here: use sequence_parallel, which shards the
-    saved activations across the tensor ranks)."""
+    """GPT-NeoX's key: with checkpoint_activations and model_parallel_size > 1, each tensor-parallel rank keeps
+    only its 1/tp slice (along h) of every checkpointed chunk's `[s, b, h]` input, which is replicated on the
+    tensor ranks, and all-gathers it again to recompute the chunk in backward. Same numbers, 1/tp of the
+    checkpoint memory, one all-gather per chunk in forward and in backward. No effect at model_parallel_size 1,
+    without checkpoint_activations, or under sequence_parallel (the input is already a sequence shard)."""
 
     torch_compile: Optional[bool] = None
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,

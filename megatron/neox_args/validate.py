@@ -239,14 +239,6 @@ def _check_upstream_extras(args: Any, sources: Mapping[str, str]) -> None:
                             f"DeepSpeed config itself; set them through their own keys (docs/CONFIG.md) and keep "
                             f"only other DeepSpeed blocks (comms_logger, flops_profiler, ...) here.",
                    "deepspeed_extra_args")
-    training = args.training
-    if (training.partition_activations and training.checkpoint_activations
-            and args.parallel.model_parallel_size > 1):
-        raise fail(sources, "partition_activations: true with checkpoint_activations at model_parallel_size "
-                            f"{args.parallel.model_parallel_size} {{where}}: splitting checkpointed activations "
-                            "across tensor ranks is not implemented; set sequence_parallel: true (it shards the "
-                            "saved activations over the tensor ranks) and partition_activations: false.",
-                   "partition_activations", "checkpoint_activations", "model_parallel_size")
     launcher = args.launcher
     if launcher.comment is not None and (launcher.launcher != "slurm" or launcher.deepspeed_slurm):
         how = ("with deepspeed_slurm srun is already running: pass --comment to your own srun"

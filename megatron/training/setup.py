@@ -48,6 +48,7 @@ def build_model(args, parallel, device_type: str):
     model = GPTModel(model_args_with(args.model, choices), args.derived, parallel, precision=args.derived.precision,
                      checkpoint_activations=args.training.checkpoint_activations,
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
+                     partition_activations=args.training.partition_activations,
                      torch_compile=choices.torch_compile, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:

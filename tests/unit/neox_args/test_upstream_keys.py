@@ -133,9 +133,9 @@ def test_attention_config_architectures_are_refused(minimal, attention_config, p
 def test_no_op_key_at_a_value_that_would_matter_is_refused(minimal):
     with pytest.raises(ConfigError, match="only `column` exists"):
         NeoXArgs.from_dict({**minimal, "output_layer_parallelism": "row"}, world_size=1)
-    with pytest.raises(ConfigError, match="not implemented"):
-        NeoXArgs.from_dict({**minimal, "partition_activations": True, "checkpoint_activations": True,
-                            "model_parallel_size": 2}, world_size=2)
+    args = NeoXArgs.from_dict({**minimal, "partition_activations": True, "checkpoint_activations": True,
+                               "model_parallel_size": 2}, world_size=2)  # implemented: mpu.random.checkpoint
+    assert args.training.partition_activations
 
 
 def test_precision_key_and_conflicts(minimal):
