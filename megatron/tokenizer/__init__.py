@@ -8,8 +8,10 @@ from __future__ import annotations
 from megatron.tokenizer.base import Tokenizer, TokenizerFileError
 from megatron.tokenizer.byte_level import ByteLevelTokenizer
 from megatron.tokenizer.hf import GPT2BPETokenizer, HFTokenizer
+from megatron.tokenizer.upstream_types import CharLevelTokenizer, HFGPT2Tokenizer, SPMTokenizer, TiktokenTokenizer
 
-TOKENIZER_TYPES = ("HFTokenizer", "GPT2BPETokenizer", "ByteLevelTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
+                   "TiktokenTokenizer", "ByteLevelTokenizer")
 
 
 def build_tokenizer(args) -> Tokenizer:
@@ -24,6 +26,14 @@ def build_tokenizer(args) -> Tokenizer:
         return HFTokenizer(args.vocab_file)
     if kind == "GPT2BPETokenizer":
         return GPT2BPETokenizer(args.vocab_file, args.merge_file)
+    if kind == "HFGPT2Tokenizer":
+        return HFGPT2Tokenizer(args.vocab_file)
+    if kind == "SPMTokenizer":
+        return SPMTokenizer(args.vocab_file)
+    if kind == "CharLevelTokenizer":
+        return CharLevelTokenizer()
+    if kind == "TiktokenTokenizer":
+        return TiktokenTokenizer(args.vocab_file)
     raise ValueError(f"tokenizer_type {kind!r} is not one of {list(TOKENIZER_TYPES)}.")
 
 
@@ -34,5 +44,9 @@ __all__ = [
     "ByteLevelTokenizer",
     "HFTokenizer",
     "GPT2BPETokenizer",
+    "HFGPT2Tokenizer",
+    "SPMTokenizer",
+    "CharLevelTokenizer",
+    "TiktokenTokenizer",
     "TOKENIZER_TYPES",
 ]

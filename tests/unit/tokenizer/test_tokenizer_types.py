@@ -126,3 +126,64 @@ def test_garbled_files_name_the_key(tmp_path):
 def test_unknown_type():
     with pytest.raises(ValueError, match="ByteLevelTokenizer"):
         build_tokenizer(spec("SentencePiece"))
+
+
+# --- GPT-NeoX's other tokenizer types (files made here; nothing downloaded) ---------------------------------
+
+def _spm_model(tmp_path, corpus_texts, name, symbols=()):
+    import sentencepiece
+
+    text = tmp_path / f"{name}.txt"
+    text.write_text("\n".join(corpus_texts), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / name), vocab_size=120,
+                                             model_type="bpe", user_defined_symbols=list(symbols),
+                                             minloglevel=2)
+    return str(tmp_path / f"{name}.model")
+
+
+def test_spm_tokenizer_ids_and_upstreams_eod_rule(tmp_path):
+    import sentencepiece
+
+    corpus = ["the model reads tokens from documents and learns to predict the next one"] * 50 + TEXTS[:3]
+    path = _spm_model(tmp_path, corpus, "with_eod", symbols=["<|endoftext|>"])
+    tok = build_tokenizer(spec("SPMTokenizer", path))
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    assert tok.vocab_size == sp.get_piece_size() == 120
+    assert tok.eod == sp.piece_to_id("<|endoftext|>") != sp.unk_id()
+    assert tok.tokenize("the model reads") == sp.encode("the model reads")
+    assert tok.detokenize(tok.tokenize("the model reads")) == "the model reads"
+    # no <|endoftext|> piece: upstream's piece_to_id gives the unknown id, and so does ours (documented)
+    plain = build_tokenizer(spec("SPMTokenizer", _spm_model(tmp_path, corpus, "plain")))
+    assert plain.eod == sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "plain.model")).unk_id()
+
+
+def test_hf_gpt2_tokenizer_adds_upstreams_pad_and_matches_gpt2_bpe(trained):
+    tok = build_tokenizer(spec("HFGPT2Tokenizer", str(trained)))
+    gpt2 = build_tokenizer(spec("GPT2BPETokenizer", str(trained / "vocab.json"), str(trained / "merges.txt")))
+    assert tok.vocab_size == gpt2.vocab_size + 1  # <|padding|> added, as upstream
+    assert tok.eod == gpt2.eod
+    for text in TEXTS + ["the model reads tokens, naïve café"]:
+        assert tok.tokenize(text) == gpt2.tokenize(text)
+    with pytest.raises(TokenizerFileError, match="could not be loaded"):
+        build_tokenizer(spec("HFGPT2Tokenizer", str(trained / "nope")))
+
+
+def test_char_level_tokenizer_is_upstreams_utf8_bytes_with_vocab_512():
+    tok = build_tokenizer(spec("CharLevelTokenizer"))
+    assert (tok.vocab_size, tok.eod) == (512, 0)
+    assert tok.tokenize("aé") == [97, 0xC3, 0xA9]
+    assert tok.detokenize(tok.tokenize("naïve café") + [0]) == "naïve café"
+
+
+def test_tiktoken_tokenizer_from_a_local_bpe_file(tmp_path):
+    import base64
+
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the"]
+    path = tmp_path / "tiny.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    tok = build_tokenizer(spec("TiktokenTokenizer", str(path)))
+    assert tok.vocab_size == 260 and tok.eod == 259
+    ids = tok.tokenize("the tea")
+    assert ids[0] == 258 and tok.detokenize(ids + [tok.eod]) == "the tea"
+    with pytest.raises(TokenizerFileError, match="could not be loaded"):
+        build_tokenizer(spec("TiktokenTokenizer", "no_such_encoding_name"))
