@@ -72,6 +72,8 @@ def init_fn(method: str, model: ModelArgs, seed: Optional[int] = None,
         raise ValueError(f"init_fn: key {key!r} needs the run's seed")
 
     def init_(weight: torch.Tensor) -> torch.Tensor:
+        if weight.is_meta:  # no values to draw (shape-only models: dry-run parameter counts, shape checks)
+            return weight
         generator = None
         if key is not None:
             generator = torch.Generator(device=weight.device).manual_seed(parameter_seed(seed, key))
