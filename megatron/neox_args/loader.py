@@ -150,7 +150,9 @@ def _expand_optimizer_block(block: Any, source: str) -> list[tuple[str, str, Any
         key = normalize_key(str(raw_key))
         if key not in OPTIMIZER_BLOCK_KEYS:
             raise _unknown_key_error(str(raw_key), source, OPTIMIZER_BLOCK_KEYS, context="inside `optimizer`")
-        if key == "type":
+        if key == "type":  # GPT-NeoX compares the type case-insensitively (`adam`, `Adam`)
+            canonical = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+            value = canonical.get(value.lower(), value) if isinstance(value, str) else value
             items.append(("optimizer_type", f"optimizer.{raw_key}", value))
             continue
         if value is None:

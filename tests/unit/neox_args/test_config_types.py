@@ -62,9 +62,9 @@ def test_coerce_value_directly():
 
 
 def test_messages_use_the_spelling_the_user_wrote(minimal):
-    with pytest.raises(ConfigError, match=r"^optimizer\.type: 'adam' is not one of 'Adam', 'AdamW', 'SGD'.*"
+    with pytest.raises(ConfigError, match=r"^optimizer\.type: 'Adamm' is not one of 'Adam', 'AdamW', 'SGD'.*"
                                           r"Did you mean 'Adam'") as err:
-        NeoXArgs.from_dict({**minimal, "optimizer": {"type": "adam"}})
+        NeoXArgs.from_dict({**minimal, "optimizer": {"type": "Adamm"}})
     assert err.value.key == "optimizer_type"
     with pytest.raises(ConfigError, match=r"^train-iters: 'many' is not an integer") as err:
         NeoXArgs.from_dict({**minimal, "train-iters": "many"})

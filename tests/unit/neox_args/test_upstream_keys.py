@@ -209,3 +209,9 @@ def test_dry_run_shows_parameter_count_and_deepspeed_config(write):
     assert json.loads("\n".join(ds_lines)) == args.deepspeed_config()
     assert "GPT-NeoX key accepted, no effect here: rope_fusion" not in text
     assert "GPT-NeoX key accepted, no effect here: synchronize_each_layer" in text
+
+
+def test_optimizer_type_is_case_insensitive_as_upstream(minimal):
+    minimal.pop("lr")
+    args = NeoXArgs.from_dict({**minimal, "optimizer": {"type": "adam", "params": {"lr": 1e-3}}}, world_size=1)
+    assert args.optimizer.optimizer_type == "Adam"
