@@ -163,9 +163,20 @@ def deepspeed_topology(parallel: ParallelState):
     return PipeModelDataParallelTopology(num_pp=parallel.pp_size, num_mp=parallel.tp_size, num_dp=parallel.dp_size)
 
 
+def _checkpoint_func(checkpoint, parallel: ParallelState, partition_activations: bool):
+    """mpu.random.checkpoint, keeping each tensor rank's 1/tp slice of a chunk's [s, b, h] input with
+    partition_activations (as GPTModel does; not under sequence parallelism, where it is already a shard)."""
+    if not partition_activations or parallel.sequence_parallel or parallel.tp_size == 1:
+        return checkpoint
+    import functools
+
+    return functools.partial(checkpoint, partition_group=parallel.tp_group)
+
+
 def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, precision: str = "fp32",
                          *, partition_method: str = "type:transformer", checkpoint_activations: bool = False,
-                         checkpoint_num_layers: int = 1, torch_compile: bool = False, init_seed: int | None = None):
+                         checkpoint_num_layers: int = 1, torch_compile: bool = False, init_seed: int | None = None,
+                         partition_activations: bool = False):
     """This rank's stage of the GPT model: a DeepSpeed `PipelineModule` over `layer_specs` (needs
     torch.distributed and `parallel` from `mpu.initialize_model_parallel` with pp_size > 1). The keyword
     flags are GPTModel's (`torch_compile` compiles each transformer layer in place)."""
@@ -180,7 +191,8 @@ def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: Paral
         layers=layer_specs(model, derived, parallel, DTYPES[precision], resolve_init_seed(init_seed)),
         topology=deepspeed_topology(parallel), loss_fn=loss, partition_method=partition_method,
         activation_checkpoint_interval=checkpoint_num_layers if checkpoint_activations else 0,
-        activation_checkpoint_func=checkpoint, checkpointable_layers=[TransformerLayer.__name__])
+        activation_checkpoint_func=_checkpoint_func(checkpoint, parallel, partition_activations),
+        checkpointable_layers=[TransformerLayer.__name__])
     loss.bind(module)
     if torch_compile:
         for layer in module.forward_funcs:

@@ -73,6 +73,7 @@ def build_pipeline_stage(args, parallel, choices):
                                   partition_method=args.parallel.pipe_partition_method,
                                   checkpoint_activations=args.training.checkpoint_activations,
                                   checkpoint_num_layers=args.training.checkpoint_num_layers,
+                                  partition_activations=args.training.partition_activations,
                                   torch_compile=choices.torch_compile, init_seed=args.training.seed)
     if parallel.sequence_parallel and parallel.tp_size > 1:
         register_sequence_parallel_grad_hooks(module, parallel)

@@ -23,17 +23,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from megatron.checkpointing.layout import (  # noqa: E402
-    COMPLETE_MARKER, CONFIG_FILE, CheckpointError, model_states_path, write_latest,
-)
+from megatron.checkpointing.layout import CheckpointError  # noqa: E402
 from megatron.checkpointing.neox_import import (  # noqa: E402
     UpstreamCheckpointError, read_upstream_layers, upstream_to_ours,
 )
-from megatron.checkpointing.reshard import WEIGHTS_ONLY_MARKER, split_tp, vocab_divisor_for  # noqa: E402
+from megatron.checkpointing.pipeline_weights import write_weights_checkpoint  # noqa: E402
+from megatron.checkpointing.reshard import vocab_divisor_for  # noqa: E402
 from megatron.neox_args import ConfigError, NeoXArgs  # noqa: E402
 from megatron.neox_args.loader import merge_settings, read_yaml_file  # noqa: E402
 
@@ -103,8 +101,9 @@ def import_checkpoint(input_dir: str, output: str, config_files: list[str] | Non
     args.derived.world_size = tp
     args.set_vocab_size(rows)
     _check_shapes(full, args)
-    shards = split_tp(full, args.model, args.derived, tp)
-    _write(output, tag, shards, args, source=tag_dir)
+    write_weights_checkpoint(output, tag, full, args, 0,
+                             f"imported by tools/ckpts/import_neox_checkpoint.py from GPT-NeoX checkpoint {tag_dir}: "
+                             f"weights only, load with finetune: true")
     return tag, args
 
 
@@ -120,28 +119,6 @@ def _check_shapes(full, args) -> None:
     if problems:
         raise UpstreamCheckpointError("the checkpoint does not match the model its YAML describes (wrong YAML, or a "
                                       "key whose meaning differs): " + "; ".join(problems[:6]))
-
-
-def _write(output: str, tag: str, shards, args, source: str) -> None:
-    from reshard import deepspeed_model_states
-
-    final = os.path.join(output, tag)
-    if os.path.exists(final):
-        raise CheckpointError(f"{final} exists already: choose another --output, or remove it first.")
-    partial_tag = tag + ".partial"
-    partial = os.path.join(output, partial_tag)
-    os.makedirs(partial, exist_ok=True)
-    for rank, shard in enumerate(shards):
-        torch.save(deepspeed_model_states(shard, args, 0), model_states_path(output, partial_tag, rank))
-    with open(os.path.join(partial, CONFIG_FILE), "w") as handle:
-        handle.write(args.serialize())
-    with open(os.path.join(partial, WEIGHTS_ONLY_MARKER), "w") as handle:
-        handle.write(f"imported by tools/ckpts/import_neox_checkpoint.py from GPT-NeoX checkpoint {source}: weights "
-                     f"only, load with finetune: true\n")
-    with open(os.path.join(partial, COMPLETE_MARKER), "w") as handle:
-        handle.write("0\n")
-    os.rename(partial, final)
-    write_latest(output, tag)
 
 
 def main(argv: list[str] | None = None) -> None:
