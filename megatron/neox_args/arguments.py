@@ -125,6 +125,14 @@ class NeoXArgs:
         validate_sections(args, sources)
         validate_data(args.data, sources, check_files)
         validate_tokenizer(args.tokenizer, sources, check_files)
+        if world_size is None and getattr(settings, "world_size", None) is not None:
+            world_size = settings.world_size  # global_num_gpus: upstream's batch arithmetic uses it as given
+            launched = compute_world_size(args.launcher) if check_files else world_size
+            if launched != world_size:
+                raise ConfigError(f"global_num_gpus: {world_size} ({settings.world_size_source}) but the "
+                                  f"hostfile/include/exclude/num_nodes give {launched} ranks; remove global_num_gpus "
+                                  f"(the world size is computed from them) or make them agree.",
+                                  key="global_num_gpus")
         if world_size is None:
             world_size = compute_world_size(args.launcher)
         elif isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

@@ -180,6 +180,8 @@ class SettingsMap(dict):
         super().__init__(*args, **kwargs)
         self.noops: dict[str, tuple[str, str]] = {}
         self.notes: list[str] = []
+        self.world_size: int | None = None  # GPT-NeoX's global_num_gpus with a hostfile
+        self.world_size_source: str | None = None
 
 
 def flatten_mapping(data: Mapping, source: str, problems: list | None = None,
@@ -266,6 +268,8 @@ def merge_settings(documents: Iterable[tuple[Mapping, str]]) -> SettingsMap:
     translated, notes, refusals = translate_renames(raw_upstream, get)
     if refusals:
         raise _refuse_all([(r.split(" ", 1)[0], r) for r in refusals], seen_sources)
+    world = translated.pop("__world_size__", None)
+    merged.world_size, merged.world_size_source = (None, None) if world is None else world[:2]
     for field_name, (value, source, spelling) in translated.items():
         merged[field_name] = Setting(value, source, spelling)
     merged.notes = notes

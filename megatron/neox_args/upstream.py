@@ -168,7 +168,8 @@ RENAME_DOCS = {
     "fp32_allreduce": "true -> `communication_data_type: fp32` (gradients summed over replicas in fp32)",
     "attention_config": "only global/flash layers: dense causal attention (SDPA, flash kernel where available); "
                         "the counts must add up to num_layers; other layer types are refused",
-    "global_num_gpus": "`num_gpus` on one node (with a hostfile/include/exclude/num_nodes it is refused)",
+    "global_num_gpus": "`num_gpus` on one node; with a hostfile/include/exclude/num_nodes, the world size used for "
+                       "the batch arithmetic (as upstream)",
     "fp16.fp16 (inside the block)": "DeeperSpeed's spelling of fp16.enabled; dropped (DeepSpeed rejects it)",
     "fp16.type: bfloat16": "`bf16: {enabled: true}` and the fp16 block off (loss-scaling keys dropped)",
     "bf16.bf16 and loss-scaling keys inside bf16": "dropped: bf16 needs no loss scaling (DeepSpeed's bf16 block "
@@ -363,9 +364,10 @@ def translate_renames(raw: Mapping[str, tuple[Any, str, str]], get: Callable[[st
                               key="global_num_gpus", sources=[source])
         multi = [k for k in ("hostfile", "include", "exclude", "num_nodes") if get(k) is not None]
         num_gpus = get("num_gpus")
-        if multi:
-            refusals.append(f"global_num_gpus ({source}) with {', '.join(multi)}: the world size comes from the "
-                            f"hostfile/include/exclude/num_nodes here; remove global_num_gpus")
+        if multi:  # upstream: the total GPU count for the batch arithmetic; the hosts come from the hostfile
+            out["__world_size__"] = (value, source, spelling)
+            notes.append(f"global_num_gpus: {value} ({source}) -> the world size (checked against "
+                         f"{', '.join(multi)} when launching)")
         elif num_gpus is not None and num_gpus[0] != value:
             raise _conflict(spelling, source, "num_gpus", num_gpus[1],
                             f"global_num_gpus is {value}, num_gpus is {num_gpus[0]} on one node")

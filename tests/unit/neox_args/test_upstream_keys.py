@@ -215,3 +215,13 @@ def test_optimizer_type_is_case_insensitive_as_upstream(minimal):
     minimal.pop("lr")
     args = NeoXArgs.from_dict({**minimal, "optimizer": {"type": "adam", "params": {"lr": 1e-3}}}, world_size=1)
     assert args.optimizer.optimizer_type == "Adam"
+
+
+def test_global_num_gpus_is_the_world_size(minimal, tmp_path):
+    assert NeoXArgs.from_dict({**minimal, "global_num_gpus": 2}).launcher.num_gpus == 2
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=4\nnode2 slots=4\n")
+    args = NeoXArgs.from_dict({**minimal, "global_num_gpus": 8, "hostfile": str(hostfile)})
+    assert args.derived.world_size == 8
+    with pytest.raises(ConfigError, match="global_num_gpus: 4 .* give 8 ranks"):
+        NeoXArgs.from_dict({**minimal, "global_num_gpus": 4, "hostfile": str(hostfile)})
