@@ -62,6 +62,8 @@ def test_upstream_flags_tokenizer_and_legacy_rope_fields(tmp_path, llama_checkpo
     mistral = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mistral").eval()
     assert type(mistral) is transformers.MistralForCausalLM
     assert not os.path.exists(tmp_path / "mistral" / "tokenizer.json")
+    mistral_config = json.loads((tmp_path / "mistral" / "config.json").read_text())
+    assert mistral_config["eos_token_id"] == mistral_config["bos_token_id"] == eod  # from our tokenizer still
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     assert (_logits_hf(mistral, tokens) - _logits_hf(hf_model, tokens)).abs().max().item() <= ATOL
 

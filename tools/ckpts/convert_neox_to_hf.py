@@ -108,6 +108,16 @@ def _tokenizer(args):
                   f"tokenizer to save (or its file is not on this machine)")
 
 
+def _our_eod(args):
+    """The end-of-document id of the run's tokenizer, or None when it cannot be built here."""
+    from megatron.tokenizer import build_tokenizer
+
+    try:
+        return build_tokenizer(args.tokenizer).eod
+    except Exception:  # tokenizer files not on this machine
+        return None
+
+
 def _legacy_rope_fields(output: str, args) -> None:
     """Add transformers 4.4x's spellings of the rotary settings to config.json (5.x reads rope_parameters)."""
     path = os.path.join(output, "config.json")
@@ -144,6 +154,9 @@ def convert(load: str, output: str, tag: str | None = None, *, config_files=None
     if tokenizer is not None:
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
+    else:  # never the config class's defaults (ids of unrelated tokens): our tokenizer's eod, or none
+        config.bos_token_id = config.eos_token_id = _our_eod(args)
+        config.pad_token_id = None
     config.dtype = next(iter(hf_state.values())).dtype
     with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) below
         model = transformers.AutoModelForCausalLM.from_config(config)
