@@ -108,6 +108,12 @@ NOOP_KEYS: dict[str, NoOp] = {
                                         "prompt_end", "sample_input_file", "sample_output_file", "num_samples",
                                         "recompute", "return_logits", "eval_results_prefix",
                                         "precompute_model_name")},
+    "attention_softmax_in_fp32": NoOp("upstream: run its masked softmax in fp32; the SDPA kernels used here "
+                                      "accumulate the softmax in fp32 for bf16/fp16 inputs already"),
+    "rotary_save_freqs_buffer": NoOp("whether upstream's checkpoints hold the rotary inv_freq buffer; ours never "
+                                     "do (it is recomputed), which changes nothing trained"),
+    "fp16_lm_cross_entropy": NoOp("at false, nothing (the default)", _falsy,
+                                  "the cross entropy always runs in fp32 here; a 16-bit loss is not implemented"),
     "eval_tasks": NoOp("lm-evaluation-harness tasks for upstream's evaluate.py, not read by training"),
     "git_hash": NoOp("filled in by upstream at launch; informational"),
     "deepspeed": NoOp("upstream's always-true flag; DeepSpeed is always used here", lambda v: v in (True, None),
@@ -168,6 +174,7 @@ RENAME_DOCS = {
     "fp32_allreduce": "true -> `communication_data_type: fp32` (gradients summed over replicas in fp32)",
     "attention_config": "only global/flash layers: dense causal attention (SDPA, flash kernel where available); "
                         "the counts must add up to num_layers; other layer types are refused",
+    "peak_theoretical_tflops": "`peak_flops_per_device` x 1e12 (the same peak for MFU, in FLOP/s)",
     "global_num_gpus": "`num_gpus` on one node; with a hostfile/include/exclude/num_nodes, the world size used for "
                        "the batch arithmetic (as upstream)",
     "fp16.fp16 (inside the block)": "DeeperSpeed's spelling of fp16.enabled; dropped (DeepSpeed rejects it)",
@@ -177,7 +184,7 @@ RENAME_DOCS = {
 }
 """What each rename becomes (documentation, docs/CONFIG.md)."""
 
-RENAMED_KEYS = ("precision", "fp32_allreduce", "attention_config", "global_num_gpus")
+RENAMED_KEYS = ("precision", "fp32_allreduce", "attention_config", "global_num_gpus", "peak_theoretical_tflops")
 """Upstream keys that are translated into our fields by `translate_renames`."""
 
 
@@ -374,6 +381,17 @@ def translate_renames(raw: Mapping[str, tuple[Any, str, str]], get: Callable[[st
         else:
             out["num_gpus"] = (value, source, spelling)
             notes.append(f"global_num_gpus: {value} ({source}) -> num_gpus: {value} (one node)")
+
+    if "peak_theoretical_tflops" in raw:
+        value, source, spelling = raw["peak_theoretical_tflops"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"peak_theoretical_tflops: {value!r} in {source} must be a positive number (TFLOP/s).",
+                              key="peak_theoretical_tflops", sources=[source])
+        if get("peak_flops_per_device") is not None:
+            raise _conflict(spelling, source, "peak_flops_per_device", get("peak_flops_per_device")[1],
+                            "both set the device peak")
+        out["peak_flops_per_device"] = (float(value) * 1e12, source, spelling)
+        notes.append(f"peak_theoretical_tflops: {value} ({source}) -> peak_flops_per_device: {float(value) * 1e12:g}")
 
     if "attention_config" in raw:
         value, source, _ = raw["attention_config"]

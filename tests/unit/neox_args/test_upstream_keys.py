@@ -225,3 +225,10 @@ def test_global_num_gpus_is_the_world_size(minimal, tmp_path):
     assert args.derived.world_size == 8
     with pytest.raises(ConfigError, match="global_num_gpus: 4 .* give 8 ranks"):
         NeoXArgs.from_dict({**minimal, "global_num_gpus": 4, "hostfile": str(hostfile)})
+
+
+def test_peak_theoretical_tflops_and_fp16_cross_entropy(minimal):
+    args = NeoXArgs.from_dict({**minimal, "peak_theoretical_tflops": 989.0, "attention_softmax_in_fp32": True})
+    assert args.logging.peak_flops_per_device == 989e12
+    with pytest.raises(ConfigError, match="always runs in fp32"):
+        NeoXArgs.from_dict({**minimal, "fp16_lm_cross_entropy": True})
