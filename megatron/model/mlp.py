@@ -20,7 +20,16 @@ from torch import nn
 from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.neox_args.derive import GATED_ACTIVATIONS
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "softsign": F.softsign, "mish": F.mish,
+    # gated: the function applied to the gate branch (GPT-NeoX's geglu uses the exact gelu)
+    "swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu, "bilinear": lambda t: t, "glu": torch.sigmoid,
+}
+"""activation name -> elementwise function (for gated ones: of the gate)."""
 
 
 class ParallelMLP(nn.Module):
@@ -32,8 +41,8 @@ class ParallelMLP(nn.Module):
     def __init__(self, model: ModelArgs, derived: DerivedArgs, parallel: ParallelState,
                  dtype: torch.dtype = torch.float32, init: WeightInit | None = None):
         super().__init__()
-        if model.activation not in ("gelu", "relu", "silu", "swiglu"):
-            raise ValueError(f"activation must be gelu, relu, silu or swiglu, got {model.activation!r}")
+        if model.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {model.activation!r}")
         if derived.intermediate_size % parallel.tp_size != 0:
             raise ValueError(
                 f"intermediate_size {derived.intermediate_size} must be divisible by model_parallel_size "
@@ -50,7 +59,7 @@ class ParallelMLP(nn.Module):
         self.linear_fc1 = ColumnParallelLinear(
             h, ffn, init_method=init.fn(model.init_method, model, "linear_fc1.weight"), **column)
         self.linear_gate = None
-        if self.activation == "swiglu":
+        if self.activation in GATED_ACTIVATIONS:
             self.linear_gate = ColumnParallelLinear(
                 h, ffn, init_method=init.fn(model.init_method, model, "linear_gate.weight"), **column)
         self.linear_fc2 = RowParallelLinear(
@@ -61,12 +70,10 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.linear_fc1(x)  # [s, b, ffn/tp]
-        if self.activation == "swiglu":
-            inner = F.silu(self.linear_gate(x)) * up
+        if self.linear_gate is not None:
+            inner = ACTIVATIONS[self.activation](self.linear_gate(x)) * up
         elif self.activation == "gelu":
             inner = F.gelu(up, approximate=self.gelu_approximate)  # erf ("gelu") or tanh ("gelu_new")
-        elif self.activation == "silu":
-            inner = F.silu(up)
         else:
-            inner = F.relu(up)
+            inner = ACTIVATIONS[self.activation](up)
         return self.linear_fc2(inner)  # [s, b, h] or [s/tp, b, h]

@@ -33,6 +33,10 @@ def resolve_num_kv_heads(model: ModelArgs) -> int:
     return model.num_kv_heads if model.num_kv_heads is not None else model.num_attention_heads
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "bilinear", "glu")
+"""Activations with a gate branch: act(gate(x)) * up(x) (GPT-NeoX's Gated_Activation)."""
+
+
 def _round_up(value: int, multiple: int) -> int:
     return multiple * ((value + multiple - 1) // multiple)
 
@@ -50,7 +54,7 @@ def mlp_widths(model: ModelArgs) -> tuple[int, int]:
     """
     size = model.intermediate_size if model.intermediate_size is not None else 4 * model.hidden_size
     m = model.mlp_multiple_of
-    if model.activation == "swiglu":
+    if model.activation in GATED_ACTIVATIONS:
         fused = int(size * 2 / 3)
         width = fused // 2
         return _round_up(fused, 2 * m), _round_up(width, m)

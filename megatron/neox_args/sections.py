@@ -81,9 +81,11 @@ class ModelArgs:
     use_bias_in_mlp: bool = True
     """MLP projections have biases."""
 
-    activation: Literal["gelu", "relu", "silu", "swiglu"] = "gelu"
-    """MLP activation: gelu (exact, erf), relu, silu (not gated), or swiglu (gated: silu(gate(x)) * up(x),
-    Llama)."""
+    activation: Literal["gelu", "relu", "silu", "swish", "softsign", "mish", "swiglu", "geglu", "reglu",
+                        "bilinear", "glu"] = "gelu"
+    """MLP activation, GPT-NeoX's list: gelu (exact, erf), relu, silu = swish, softsign, mish; or gated,
+    act(gate(x)) * up(x): swiglu (silu, Llama), geglu (exact gelu), reglu (relu), bilinear (identity), glu
+    (sigmoid). Gated MLPs follow upstream's width rule (intermediate_size counts 3x)."""
 
     bias_gelu_fusion: bool = False
     """GPT-NeoX's key: true makes `activation: gelu` the tanh approximation

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron.neox_args.derive import mlp_widths, resolve_intermediate_size, resolve_num_kv_heads
+from megatron.neox_args.derive import GATED_ACTIVATIONS, mlp_widths, resolve_intermediate_size, resolve_num_kv_heads
 from megatron.neox_args.errors import ConfigError, where
 
 _POSITIVE_INTS = {
@@ -87,7 +87,7 @@ def _check_model(model: Any, sources: Mapping[str, str]) -> None:
                             f"each key/value head must serve a whole group of query heads. Choose num_kv_heads "
                             f"dividing {heads}.", "num_attention_heads", "num_kv_heads")
     fused, width = mlp_widths(model)
-    expected = 2 * width if model.activation == "swiglu" else width
+    expected = 2 * width if model.activation in GATED_ACTIVATIONS else width
     if fused != expected:
         raise fail(sources, f"intermediate_size: {model.intermediate_size} with mlp_multiple_of: "
                             f"{model.mlp_multiple_of} and activation: {model.activation} {{where}} gives GPT-NeoX's "

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional
 
+from megatron.neox_args.derive import GATED_ACTIVATIONS
+
 
 def count_non_embedding_params(model_args, derived) -> int:
     """Parameters that take part in per-token matmuls: every weight and bias except the input embedding.
@@ -44,7 +46,7 @@ def count_non_embedding_params(model_args, derived) -> int:
     if model_args.use_bias_in_attn_linear:
         attention += qkv_out + h
 
-    if model_args.activation == "swiglu":
+    if model_args.activation in GATED_ACTIVATIONS:
         mlp = 3 * h * inner
         mlp_bias = 2 * inner + h
     else:

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from megatron.checkpointing import CheckpointError  # noqa: E402
 from megatron.checkpointing.hf import hf_config, to_hf  # noqa: E402
 from megatron.checkpointing.reshard import read_merged_model_state  # noqa: E402
+from megatron.neox_args.derive import GATED_ACTIVATIONS  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ARCHITECTURES = {"neox": "gpt_neox", "llama": "llama", "mistral": "llama"}
@@ -64,7 +65,7 @@ def read_checkpoint(load: str, tag: str | None, config_files: list[str] | None):
             raise CheckpointError(f"{tag_dir} is a GPT-NeoX checkpoint; pass its YAML with --config_file.")
         args = NeoXArgs._build(import_neox_checkpoint.upstream_settings(files), 1, check_files=False)
         full = upstream_to_ours(read_upstream_layers(tag_dir), num_attention_heads=args.model.num_attention_heads,
-                                num_kv_heads=args.derived.num_kv_heads, gated=args.model.activation == "swiglu")
+                                num_kv_heads=args.derived.num_kv_heads, gated=args.model.activation in GATED_ACTIVATIONS)
         rows = full["embedding.word_embeddings.weight"].shape[0]
         args.model.make_vocab_size_divisible_by = rows
         args.set_vocab_size(rows)

@@ -33,6 +33,7 @@ from megatron.checkpointing.neox_import import (  # noqa: E402
 from megatron.checkpointing.pipeline_weights import write_weights_checkpoint  # noqa: E402
 from megatron.checkpointing.reshard import vocab_divisor_for  # noqa: E402
 from megatron.neox_args import ConfigError, NeoXArgs  # noqa: E402
+from megatron.neox_args.derive import GATED_ACTIVATIONS  # noqa: E402
 from megatron.neox_args.loader import merge_settings, read_yaml_file  # noqa: E402
 
 PLACEHOLDERS = {"data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 1,
@@ -93,7 +94,7 @@ def import_checkpoint(input_dir: str, output: str, config_files: list[str] | Non
     args = NeoXArgs._build(upstream_settings(config_files), 1, check_files=False)
     derived = args.derived
     full = upstream_to_ours(ranks, num_attention_heads=args.model.num_attention_heads,
-                            num_kv_heads=derived.num_kv_heads, gated=args.model.activation == "swiglu")
+                            num_kv_heads=derived.num_kv_heads, gated=args.model.activation in GATED_ACTIVATIONS)
     rows = full["embedding.word_embeddings.weight"].shape[0]
     divisor = vocab_divisor_for(rows, rows, args.model.make_vocab_size_divisible_by, upstream_tp, tp)
     args.model.make_vocab_size_divisible_by = divisor

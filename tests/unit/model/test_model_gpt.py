@@ -174,3 +174,28 @@ def test_bad_arguments_are_errors():
         GPTModel(model_args, derived, ParallelState.single(), precision="fp8")
     with pytest.raises(ValueError, match="checkpoint_num_layers"):
         GPTModel(model_args, derived, ParallelState.single(), checkpoint_num_layers=0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "swish", "softsign", "mish", "relu", "geglu", "reglu", "bilinear",
+                                        "glu", "swiglu"])
+def test_every_gpt_neox_activation_matches_a_reference(activation):
+    """GPT-NeoX's activations: plain act(fc1 x), or gated act(gate x) * up x (upstream's Gated_Activation)."""
+    import torch.nn.functional as F
+
+    from megatron.model.mlp import ParallelMLP
+
+    model_args, derived = make_args(activation=activation)
+    torch.manual_seed(0)
+    mlp = ParallelMLP(model_args, derived, ParallelState.single())
+    x = torch.randn(5, 2, 32)
+    fn = {"silu": F.silu, "swish": F.silu, "softsign": F.softsign, "mish": lambda t: t * torch.tanh(F.softplus(t)),
+          "relu": F.relu, "geglu": lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2))), "reglu": F.relu,
+          "bilinear": lambda t: t, "glu": lambda t: 1 / (1 + torch.exp(-t)), "swiglu": lambda t: t * torch.sigmoid(t)}
+    up = x @ mlp.linear_fc1.weight.t() + mlp.linear_fc1.bias
+    if mlp.linear_gate is not None:
+        inner = fn[activation](x @ mlp.linear_gate.weight.t() + mlp.linear_gate.bias) * up
+    else:
+        inner = fn[activation](up)
+    expected = inner @ mlp.linear_fc2.weight.t() + mlp.linear_fc2.bias
+    assert (mlp.linear_gate is not None) == (activation in ("geglu", "reglu", "bilinear", "glu", "swiglu"))
+    torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
