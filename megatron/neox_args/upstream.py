@@ -164,9 +164,9 @@ ARCHITECTURE_ATTENTION_TYPES = {
 }
 """attention_config layer types this trainer does not build (global and flash are dense causal attention)."""
 
-BF16_BLOCK_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
-                   "bf16_optimizer_states")
-"""The keys DeepSpeed's bf16 block takes (DeepSpeedBF16Config)."""
+FP16_LOSS_SCALING_KEYS = ("loss_scale", "loss_scale_window", "initial_scale_power", "hysteresis",
+                          "consecutive_hysteresis", "min_loss_scale", "auto_cast", "type")
+"""DeepSpeed fp16-block keys that upstream's bf16 blocks carry and that mean nothing for bf16."""
 
 RENAME_DOCS = {
     "precision": "fp16 -> `fp16: {enabled: true}`; bfloat16 -> `bf16: {enabled: true}`; fp32 -> neither (a block "
@@ -292,7 +292,7 @@ def normalize_precision_blocks(fp16: Optional[dict], bf16: Optional[dict], fp16_
         if "bf16" in bf16:
             inner = bf16.pop("bf16")
             bf16.setdefault("enabled", inner)
-        dropped = sorted(k for k in bf16 if k not in BF16_BLOCK_KEYS)
+        dropped = sorted(k for k in bf16 if k in FP16_LOSS_SCALING_KEYS)  # a typo stays, for DeepSpeed to refuse
         for k in dropped:
             del bf16[k]
         if dropped:

@@ -22,6 +22,7 @@ from megatron.neox_args import NeoXArgs
 CONFIG = {
     "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8,
     "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 1,
+    "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer",
     "train_iters": 10,
 }
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))

@@ -15,7 +15,7 @@ from megatron.launcher.preflight import (
 from megatron.neox_args import ConfigError, NeoXArgs
 
 BASE = {"data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1, "num_gpus": 2}
+        "gradient_accumulation_steps": 1, "num_gpus": 2, "lr": 6.0e-4, "tokenizer_type": "ByteLevelTokenizer"}
 
 
 def yaml_args(tmp_path, text: str) -> NeoXArgs:
