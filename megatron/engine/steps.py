@@ -136,7 +136,7 @@ class PipelineStep:
     def eval(self, engine, iterator):
         loss = engine.eval_batch(self._batches(iterator))  # mean over micro-batches and data parallel
         engine.train()
-        return loss.detach().float(), 1
+        return loss.detach().float().reshape(()), 1  # the engine returns shape [1]; the trainer sums scalars
 
     def grad_norm(self, engine):
         if engine_reports_grad_norm(engine):

@@ -1,8 +1,7 @@
 """tools/convergence.py on the CPU suite for real (deepy.py, gloo ranks, fp32): every variant of
 configs/convergence/cpu-tiny.yml agrees with its reference within the suite's tolerance (exit 0), and the
 same suite with a variant that is not equivalent (3x the learning rate) exits 1 with that variant, and only
-it, out of the band. The pipeline variants run once the config loader accepts pipe_parallel_size > 1
-(until then they are left out with --skip)."""
+it, out of the band."""
 
 import json
 import os
@@ -12,25 +11,11 @@ import sys
 from tests.e2e.harness import REPO_ROOT
 
 SUITE = "configs/convergence/cpu-tiny.yml"
-PIPELINE_VARIANTS = ["pp2", "pp2_tp2", "pp2_tied"]
-
-
-def pipeline_supported() -> bool:
-    from megatron.neox_args import NeoXArgs
-    from megatron.neox_args.errors import ConfigError
-
-    try:
-        NeoXArgs.from_dict({"pipe_parallel_size": 2, "num_gpus": 2, "tokenizer_type": "ByteLevelTokenizer",
-                            "data_path": "data/bundled/pystdlib_text_document"})
-        return True
-    except ConfigError:
-        return False
 
 
 def _run(out, *extra):
-    skip = [] if pipeline_supported() else ["--skip", ",".join(PIPELINE_VARIANTS)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "tools/convergence.py", SUITE, "--out", str(out), *skip, *extra],
+    proc = subprocess.run([sys.executable, "tools/convergence.py", SUITE, "--out", str(out), *extra],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     results = {}
     if (out / "results.json").exists():
@@ -42,9 +27,7 @@ def test_cpu_suite_passes_and_a_3x_learning_rate_fails(tmp_path):
     out = tmp_path / "suite"
     proc, results = _run(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    expected = {"zero1", "zero2", "zero3", "tp2", "tp2_sp", "grad_accum", "resume"}
-    if pipeline_supported():
-        expected |= set(PIPELINE_VARIANTS)
+    expected = {"zero1", "zero2", "zero3", "tp2", "tp2_sp", "pp2", "pp2_tp2", "pp2_tied", "grad_accum", "resume"}
     variants = {name for name, run in results.items() if not run["is_reference"]}
     assert variants == expected
     for name in variants:
