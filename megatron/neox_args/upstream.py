@@ -264,8 +264,8 @@ def normalize_precision_blocks(fp16: Optional[dict], bf16: Optional[dict], fp16_
       (and used as `enabled` when `enabled` is missing).
     - `fp16: {type: bfloat16, enabled: true, ...}`: DeeperSpeed's way to ask for bf16; becomes
       `bf16: {enabled: true}` with the fp16 block off (its loss-scaling keys do nothing in bf16).
-    - `bf16: {bf16: true, loss_scale..., hysteresis...}`: bf16 needs no loss scaling; keys DeepSpeed's bf16
-      block does not take are dropped.
+    - `bf16: {bf16: true, loss_scale..., hysteresis...}`: bf16 needs no loss scaling; the fp16 loss-scaling
+      keys (FP16_LOSS_SCALING_KEYS) are dropped, any other unknown key is left for DeepSpeed to refuse.
     """
     notes = []
     fp16 = copy.deepcopy(fp16) if isinstance(fp16, dict) else fp16

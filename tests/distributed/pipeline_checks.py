@@ -28,6 +28,10 @@ BASE = {
     "train_iters": STEPS, "lr_decay_iters": 8, "warmup": 0.25, "gradient_clipping": 1.0,
     "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "eps": 1e-8}},
     "weight_decay": 0.01, "data_path": "data/bundled/pystdlib_text_document", "seed": SEED,
+    "tokenizer_type": "ByteLevelTokenizer",
+    # what these checks were written with before the defaults became GPT-NeoX's
+    "pos_emb": "rotary", "init_method": "small_init", "output_layer_init_method": "wang_init",
+    "lr_decay_style": "cosine", "rms_norm_epsilon": 1.0e-6,
 }
 
 # the variants of the issue, each run at PP=1 and at its layout (pp, tp, dp) on 4 processes
@@ -38,6 +42,7 @@ VARIANTS = {
     # Llama blocks (rmsnorm, swiglu, rotary), untied head, the vocab-parallel (unfused) cross entropy,
     # stages balanced by parameter count
     "pp2_tp2_llama": ({"pipe_parallel_size": 2, "model_parallel_size": 2, "norm": "rmsnorm", "activation": "swiglu",
+                       "intermediate_size": 768,  # GPT-NeoX's 3x convention: a 256-wide SwiGLU
                        "pipe_partition_method": "parameters",
                        "pos_emb": "rotary", "no_weight_tying": True, "fused_cross_entropy": False,
                        "use_bias_in_attn_linear": False, "use_bias_in_mlp": False}, (2, 2, 1)),

@@ -50,7 +50,8 @@ def _check(rank, world_size):
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     state = mpu.initialize_model_parallel(1)
-    args = NeoXArgs.from_dict({"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 4,
+    args = NeoXArgs.from_dict({"data_path": "data/bundled/x", "train_micro_batch_size_per_gpu": 4, "lr": 1e-3,
+                               "tokenizer_type": "ByteLevelTokenizer",
                                "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
                                "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, world_size=1)
     ours = args.deepspeed_config()
