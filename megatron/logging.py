@@ -5,7 +5,12 @@ on the others every method is a no-op, so the trainer can call them unconditiona
 
 Console line (one per call of `log_train`, which the trainer makes every `log_interval` iterations):
 
-    iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | MFU 38.1% | step 0.41s | ETA 6m02s
+    iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | MFU 38.1% | causal MFU 31.0% | step 0.41s | ETA 6m02s
+
+`MFU` counts FLOPs in the Megatron/PaLM convention (6N + 12 L h s per token: the full attention score
+matrix), `causal MFU` counts causal attention as half the score matrix (6N + 6 L h s); metrics.jsonl has
+both (`mfu`, `mfu_causal`, `tflops_per_device`, `tflops_per_device_causal`). See
+`megatron.training.metrics.flops_per_token`.
 
 Each logged step is also one JSON object on its own line of `metrics.jsonl` (`"type": "train"` or
 `"type": "eval"` with the split's `"name"`), flushed at once so a crash loses nothing already reported.
@@ -73,10 +78,13 @@ def format_train_line(iteration: int, total_iters: Optional[int], values: dict) 
         parts.append(f"TFLOP/s {tflops:.1f}" if tflops >= 100 else f"TFLOP/s {tflops:.3g}")
         mfu = values.get("mfu")
         parts.append(f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU n/a")
+        mfu_causal = values.get("mfu_causal")
+        if mfu_causal is not None:
+            parts.append(f"causal MFU {mfu_causal * 100:.1f}%")
         parts.append(f"step {format_duration(values['step_time_s'])}")
         parts.append(f"ETA {format_duration(values.get('eta_s'))}")
     known = {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "step_time_s", "eta_s",
-             "elapsed_s"}
+             "elapsed_s", "tflops_per_device_causal", "mfu_causal"}
     for key, value in values.items():
         if key in known or isinstance(value, bool):
             continue

@@ -62,20 +62,35 @@ def count_non_embedding_params(model_args, derived) -> int:
     return model_args.num_layers * per_layer + one_norm + h * vocab
 
 
-def flops_per_token(model_args, derived, seq_length: int) -> float:
-    """Model FLOPs to train on one token (forward + backward): `6 * N + 12 * L * h * s`.
+def flops_per_token(model_args, derived, seq_length: int, causal: bool = False) -> float:
+    """Model FLOPs to train on one token (forward + backward).
+
+    Full score matrix (Megatron-LM, Narayanan et al. 2021; PaLM, Chowdhery et al. 2022, app. B), the default:
+
+        F_full   = 6 * N + 12 * L * h * s
 
     `N` is `count_non_embedding_params`. Each parameter costs 2 FLOPs (multiply, add) per token in the
     forward pass and 4 in the backward pass (gradients of inputs and of weights): 6N. Attention scores
-    `Q K^T` and the weighted sum `A V` are matmuls without parameters: 2 * 2 * s * h FLOPs per token per
-    layer forward, times 3 for forward + backward: 12 * L * h * s (causal masking is not discounted).
-    This is the accounting of Megatron-LM (Narayanan et al. 2021) and PaLM (Chowdhery et al. 2022, app. B).
+    `Q K^T` and the weighted sum `A V` are matmuls without parameters: with every query against all `s`
+    keys that is 2 * 2 * s * h FLOPs per token per layer forward, times 3 for forward + backward:
+    12 * L * h * s.
+
+    Causal (`causal=True`): a causal kernel computes only the lower triangle of the score matrix, on
+    average s/2 keys per query, so the attention term halves:
+
+        F_causal = 6 * N + 6 * L * h * s
+
+    (the diagonal's extra half key per query, s/2 + 1/2, is left out: it is 1/s of the term). This is the
+    work a causal flash kernel actually does; at 128k tokens the attention term dominates, so MFU by
+    F_full overstates the useful work nearly twice. Sliding windows and document-aware masking do less
+    still; neither figure discounts them.
 
     With activation checkpointing the hardware runs part of the forward again, but MFU counts model
-    FLOPs only, so the recomputation is deliberately not included.
+    FLOPs only, so the recomputation is deliberately not included in either.
     """
     n = count_non_embedding_params(model_args, derived)
-    return 6.0 * n + 12.0 * model_args.num_layers * model_args.hidden_size * seq_length
+    attention = (6.0 if causal else 12.0) * model_args.num_layers * model_args.hidden_size * seq_length
+    return 6.0 * n + attention
 
 
 PEAK_BF16_DENSE_FLOPS = (
@@ -123,11 +138,16 @@ class ThroughputStats(Mapping):
     tflops_per_device: float
     """Model TFLOP/s achieved by one device in the last interval."""
     mfu: Optional[float]
-    """Model FLOPs utilization as a fraction (0.381 = 38.1%); None when the device peak is unknown."""
+    """Model FLOPs utilization as a fraction (0.381 = 38.1%), FLOPs counted with the full score matrix
+    (Megatron/PaLM, `flops_per_token`); None when the device peak is unknown."""
     eta_s: Optional[float]
     """Seconds left: remaining iterations times the mean step time so far; None without total_iters."""
     elapsed_s: float
     """Seconds since the meter was created."""
+    tflops_per_device_causal: Optional[float] = None
+    """As tflops_per_device with causal attention counted as half the score matrix (6N + 6 L h s)."""
+    mfu_causal: Optional[float] = None
+    """MFU from tflops_per_device_causal; None when the device peak is unknown."""
 
     def _keys(self) -> tuple:
         return tuple(f.name for f in fields(self) if f.name != "iteration")
@@ -147,6 +167,9 @@ class ThroughputStats(Mapping):
 class ThroughputMeter:
     """Turns (iteration, step time) at logging points into tokens/s, TFLOP/s per device, MFU and ETA.
 
+    Both FLOP conventions are reported: `flops_per_token` (full score matrix) gives tflops_per_device and
+    mfu, `flops_per_token_causal` (default: the same number) gives tflops_per_device_causal and mfu_causal.
+
     Call `update(iteration, step_time_s)` at each logging point with the mean seconds per step the caller
     measured over the interval (synchronizing the device first if it wants exact numbers), or
     `update(iteration)` to let the meter time the interval since the previous `update`/`mark` with `clock`.
@@ -161,6 +184,7 @@ class ThroughputMeter:
         tokens_per_step: int,
         flops_per_token: float,
         num_devices: int,
+        flops_per_token_causal: Optional[float] = None,
         peak_flops_per_device: Optional[float] = None,
         total_iters: Optional[int] = None,
         start_iteration: int = 0,
@@ -172,6 +196,7 @@ class ThroughputMeter:
             )
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.flops_per_token_causal = flops_per_token if flops_per_token_causal is None else flops_per_token_causal
         self.num_devices = num_devices
         self.peak_flops_per_device = peak_flops_per_device
         self.total_iters = total_iters
@@ -198,6 +223,7 @@ class ThroughputMeter:
         return cls(
             tokens_per_step=args.derived.train_batch_size * seq_length,
             flops_per_token=flops_per_token(args.model, args.derived, seq_length),
+            flops_per_token_causal=flops_per_token(args.model, args.derived, seq_length, causal=True),
             num_devices=args.derived.world_size,
             peak_flops_per_device=peak,
             total_iters=args.training.train_iters,
@@ -230,7 +256,10 @@ class ThroughputMeter:
 
         tokens_per_s = self.tokens_per_step / step_time_s
         flops_per_device = tokens_per_s * self.flops_per_token / self.num_devices
-        mfu = flops_per_device / self.peak_flops_per_device if self.peak_flops_per_device else None
+        causal_per_device = tokens_per_s * self.flops_per_token_causal / self.num_devices
+        peak = self.peak_flops_per_device
+        mfu = flops_per_device / peak if peak else None
+        mfu_causal = causal_per_device / peak if peak else None
         eta = None
         if self.total_iters is not None:
             mean_step = self._timed_seconds / self._timed_steps
@@ -241,6 +270,8 @@ class ThroughputMeter:
             tokens_per_s=tokens_per_s,
             tflops_per_device=flops_per_device / 1e12,
             mfu=mfu,
+            tflops_per_device_causal=causal_per_device / 1e12,
+            mfu_causal=mfu_causal,
             eta_s=eta,
             elapsed_s=now - self._start_time,
         )

@@ -48,6 +48,10 @@ def test_console_line_matches_documented_format():
     line = format_train_line(120, 1000, values)
     assert line == ("iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | "
                     "MFU 38.1% | step 0.41s | ETA 6m02s")
+    values.update(mfu_causal=0.31, tflops_per_device_causal=91.6)
+    line = format_train_line(120, 1000, values)
+    assert line == ("iter 120/1000 | loss 3.412 | lr 5.8e-04 | grad_norm 0.91 | tok/s 41.2k | TFLOP/s 112.5 | "
+                    "MFU 38.1% | causal MFU 31.0% | step 0.41s | ETA 6m02s")
 
 
 def test_console_line_without_peak_and_with_extras():

@@ -34,7 +34,7 @@ def _num(value: Optional[float], fmt: str) -> str:
 def row_cells(run: dict, baselines: Sequence[str]) -> list[str]:
     """The table cells of one run; a run that did not finish shows its status in place of numbers."""
     if run.get("status") != "ok":
-        return [label(run["impl"], run.get("variant")), run.get("status", "FAILED")] + ["-"] * (5 + len(baselines)) + \
+        return [label(run["impl"], run.get("variant")), run.get("status", "FAILED")] + ["-"] * (6 + len(baselines)) + \
             [run.get("error", "")[:60]]
     mfu = run.get("mfu")
     cells = [
@@ -42,6 +42,7 @@ def row_cells(run: dict, baselines: Sequence[str]) -> list[str]:
         _num(run["tokens_per_s"], ",.0f"),
         _num(run["tflops"], ".1f" if run["tflops"] >= 1 else ".3f"),
         "n/a" if mfu is None else f"{100 * mfu:.1f}%",
+        "n/a" if run.get("mfu_causal") is None else f"{100 * run['mfu_causal']:.1f}%",
         _num(1e3 * run["median_step_s"], ".1f"),
         _num(run.get("peak_alloc_gib"), ".2f"),
         _num(run.get("peak_reserved_gib"), ".2f"),
@@ -51,7 +52,7 @@ def row_cells(run: dict, baselines: Sequence[str]) -> list[str]:
 
 
 def headers(baselines: Sequence[str]) -> list[str]:
-    return (["implementation", "tokens/s", "TFLOP/s", "MFU", "step ms (median)", "peak alloc GiB",
+    return (["implementation", "tokens/s", "TFLOP/s", "MFU", "causal MFU", "step ms (median)", "peak alloc GiB",
              "peak reserved GiB"] + [f"vs {base}" for base in baselines] + ["notes"])
 
 
@@ -76,7 +77,8 @@ def header_text(meta: dict) -> str:
         f"median of {meta['steps']} timed steps ({TIMING_TEXT[meta.get('timing', 'synchronized')]}) "
         f"after {meta['warmup']} warmup steps; peak memory since the end of warmup",
         FLOPS_FORMULA,
-        f"TFLOP/s = tokens/s * FLOPs/token / 1e12;  MFU = TFLOP/s / device peak ({peak_text})",
+        f"TFLOP/s = tokens/s * FLOPs/token / 1e12;  MFU = TFLOP/s / device peak ({peak_text}); "
+        "causal MFU counts causal attention as half the score matrix: FLOPs/token = 6N + 6 L h s",
         "ours: NeoXArgs(size config + --set) -> DeepSpeed engine (our AdamW) -> Trainer.train_step, batches from "
         "our data loader over a synthetic mmap dataset (loading included in the step time)",
         "baselines: transformers model of the same shape (sdpa), "

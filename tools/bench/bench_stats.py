@@ -1,7 +1,9 @@
 """Plain arithmetic of the benchmark: step-time summaries, throughput, MFU and ratios.
 
 Nothing here touches a device, so it is unit-tested directly. The FLOP count itself comes from
-`megatron.training.metrics.flops_per_token` (6 N + 12 L h s), shared with the trainer's own logging.
+`megatron.training.metrics.flops_per_token`, shared with the trainer's own logging, in both conventions:
+6 N + 12 L h s (full score matrix, Megatron/PaLM: `tflops`, `mfu`) and 6 N + 6 L h s (causal attention as
+half the score matrix: `tflops_causal`, `mfu_causal`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ def summarize_step_times(times_s: Sequence[float]) -> dict:
 
 
 def throughput(tokens_per_step: int, step_s: float, flops_per_token: float,
-               peak_flops: Optional[float]) -> dict:
+               peak_flops: Optional[float], flops_per_token_causal: Optional[float] = None) -> dict:
     """tokens/s = tokens_per_step / step_s; TFLOP/s = tokens/s * flops_per_token / 1e12;
-    MFU = achieved FLOP/s / peak FLOP/s (None when the device peak is unknown, e.g. on CPU)."""
+    MFU = achieved FLOP/s / peak FLOP/s (None when the device peak is unknown, e.g. on CPU).
+    `tflops_causal` / `mfu_causal` are the same with `flops_per_token_causal` (default: flops_per_token)."""
     if step_s <= 0:
         raise ValueError(f"step time must be positive, got {step_s}")
+    if flops_per_token_causal is None:
+        flops_per_token_causal = flops_per_token
     tokens_per_s = tokens_per_step / step_s
     flops = tokens_per_s * flops_per_token
+    flops_causal = tokens_per_s * flops_per_token_causal
     return {
         "tokens_per_s": tokens_per_s,
         "tflops": flops / 1e12,
         "mfu": flops / peak_flops if peak_flops else None,
+        "tflops_causal": flops_causal / 1e12,
+        "mfu_causal": flops_causal / peak_flops if peak_flops else None,
     }
 
 

@@ -146,6 +146,7 @@ def worker_main(spec: dict, result_file: str) -> int:
             "env": env,
             "peak_flops": peak,
             "flops_per_token": flops_per_token(args.model, args.derived, args.model.seq_length),
+            "flops_per_token_causal": flops_per_token(args.model, args.derived, args.model.seq_length, causal=True),
             "shape": {"num_layers": args.model.num_layers, "hidden_size": args.model.hidden_size,
                       "heads": args.model.num_attention_heads, "padded_vocab": args.derived.padded_vocab_size,
                       "flops_per_token": flops_per_token(args.model, args.derived, args.model.seq_length)},
@@ -259,7 +260,7 @@ def finish_run(run: dict) -> dict:
     if run.get("status") == "ok":
         run.update(summarize_step_times(run["step_times_s"]))
         run.update(throughput(run["tokens_per_step"], run["median_step_s"], run["flops_per_token"],
-                              run.get("peak_flops")))
+                              run.get("peak_flops"), run.get("flops_per_token_causal")))
     return run
 
 

@@ -31,7 +31,12 @@ def test_throughput_and_mfu_arithmetic():
     assert out["tokens_per_s"] == pytest.approx(32768.0)
     assert out["tflops"] == pytest.approx(32.768)
     assert out["mfu"] == pytest.approx(32.768e12 / 989e12)
+    assert out["tflops_causal"] == out["tflops"] and out["mfu_causal"] == out["mfu"]  # no causal count given
+    both = throughput(16384, 0.5, 1e9, 989e12, flops_per_token_causal=0.6e9)
+    assert both["mfu"] == out["mfu"] and both["mfu_causal"] == pytest.approx(0.6 * 32.768e12 / 989e12)
+    assert both["tflops_causal"] == pytest.approx(0.6 * 32.768)
     assert throughput(16384, 0.5, 1e9, None)["mfu"] is None  # CPU / unknown device
+    assert throughput(16384, 0.5, 1e9, None)["mfu_causal"] is None
     with pytest.raises(ValueError):
         throughput(16384, 0.0, 1e9, None)
 

@@ -32,6 +32,22 @@ def test_pythia_410m_flops_per_token():
     flops = flops_per_token(model, derived, 2048)
     assert flops == 6 * expected_n + 12 * 24 * 1024 * 2048
     assert flops == pytest.approx(2.727e9, rel=1e-3)
+    # causal attention: half the score matrix, 6 L h s
+    causal = flops_per_token(model, derived, 2048, causal=True)
+    assert causal == 6 * expected_n + 6 * 24 * 1024 * 2048
+    assert flops - causal == 6 * 24 * 1024 * 2048
+
+
+def test_causal_figure_at_long_sequence_matches_the_issue():
+    # 1.3B (24 x 2048, 16 heads, vocab 50304) at 131072 tokens: the measured "71.3%" is ~39% causal
+    model = ModelArgs(num_layers=24, hidden_size=2048, num_attention_heads=16, seq_length=131072,
+                      gpt_j_residual=True, no_weight_tying=True)
+    derived = DerivedArgs(num_kv_heads=16, intermediate_size=8192, padded_vocab_size=50304)
+    full = flops_per_token(model, derived, 131072)
+    causal = flops_per_token(model, derived, 131072, causal=True)
+    n = count_non_embedding_params(model, derived)
+    assert full == 6 * n + 12 * 24 * 2048 * 131072 and causal == 6 * n + 6 * 24 * 2048 * 131072
+    assert 0.713 * causal / full == pytest.approx(0.389, abs=0.002)
 
 
 def test_tied_embeddings_still_count_output_layer():
@@ -95,7 +111,7 @@ class FakeClock:
 def test_throughput_meter_interval_values():
     clock = FakeClock()
     meter = ThroughputMeter(
-        tokens_per_step=8 * 2048, flops_per_token=2.727e9, num_devices=8,
+        tokens_per_step=8 * 2048, flops_per_token=2.727e9, num_devices=8, flops_per_token_causal=2.4e9,
         peak_flops_per_device=989e12, total_iters=1000, clock=clock,
     )
     clock.now += 10.0  # 20 steps in 10 s
@@ -104,6 +120,8 @@ def test_throughput_meter_interval_values():
     assert stats.tokens_per_s == pytest.approx(16384 / 0.5)
     assert stats.tflops_per_device == pytest.approx(32768 * 2.727e9 / 8 / 1e12)
     assert stats.mfu == pytest.approx(32768 * 2.727e9 / 8 / 989e12)
+    assert stats.tflops_per_device_causal == pytest.approx(32768 * 2.4e9 / 8 / 1e12)
+    assert stats.mfu_causal == pytest.approx(32768 * 2.4e9 / 8 / 989e12)
     assert stats.eta_s == pytest.approx(980 * 0.5)
     assert stats.elapsed_s == pytest.approx(10.0)
 
@@ -123,7 +141,8 @@ def test_throughput_meter_caller_time_and_unknown_peak():
     clock.now += 99.0
     stats = meter.update(60, 0.5)  # the caller's measured step time wins over the clock
     assert stats.step_time_s == 0.5 and stats.tokens_per_s == pytest.approx(200.0)
-    assert stats.mfu is None and stats.eta_s is None
+    assert stats.mfu is None and stats.mfu_causal is None and stats.eta_s is None
+    assert stats.tflops_per_device_causal == stats.tflops_per_device  # no causal count given: the same
     with pytest.raises(ValueError, match="not after"):
         meter.update(60)
 
@@ -133,7 +152,8 @@ def test_stats_merge_into_a_record_as_a_mapping():
     record.update(ThroughputStats(iteration=3, step_time_s=0.5, tokens_per_s=2.0, tflops_per_device=1.0,
                                   mfu=None, eta_s=4.0, elapsed_s=9.0))
     assert record == {"loss": 1.0, "step_time_s": 0.5, "tokens_per_s": 2.0, "tflops_per_device": 1.0,
-                      "mfu": None, "eta_s": 4.0, "elapsed_s": 9.0}
+                      "mfu": None, "eta_s": 4.0, "elapsed_s": 9.0, "tflops_per_device_causal": None,
+                      "mfu_causal": None}
 
 
 def test_for_run_reads_the_resolved_config():
@@ -144,6 +164,7 @@ def test_for_run_reads_the_resolved_config():
     meter = ThroughputMeter.for_run(args, "cpu")
     assert meter.tokens_per_step == 32 * 2048 and meter.num_devices == 4 and meter.total_iters == 500
     assert meter.flops_per_token == flops_per_token(model, derived, 2048)
+    assert meter.flops_per_token_causal == flops_per_token(model, derived, 2048, causal=True)
     assert meter.peak_flops_per_device == 100e12
     args.logging.peak_flops_per_device = None
     assert ThroughputMeter.for_run(args, "cpu").peak_flops_per_device is None
