@@ -13,6 +13,7 @@ paths) gives None in place of its iterator.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterator, Sequence
 
@@ -21,6 +22,7 @@ import torch
 
 from megatron.data import bundled
 from megatron.data.blending import BlendedDataset, samples_per_dataset
+from megatron.data.doc_masks import DocumentMasking, document_fields
 from megatron.data.gpt_dataset import GPTDataset
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.integrity import check_token_ids
@@ -110,16 +112,18 @@ def build_train_valid_test_datasets(data, seq_length: int, seed: int, num_sample
     )
 
 
-def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Samples `{"text": int64 [s + 1]}` -> tokens/labels LongTensor [b, s], loss_mask FloatTensor [b, s] of ones."""
+def collate_samples(samples: list[dict], masking: DocumentMasking = DocumentMasking()) -> dict:
+    """Samples `{"text": int64 [s + 1]}` -> tokens/labels LongTensor [b, s], loss_mask FloatTensor [b, s]
+    (ones unless `masking.eod_mask_loss`), plus `position_ids` / `cu_seqlens` + `max_seqlen` when `masking`
+    asks for them (megatron/data/doc_masks.py)."""
     text = torch.from_numpy(np.stack([s["text"] for s in samples]))  # [b, s + 1]
     tokens = text[:, :-1].contiguous()
     labels = text[:, 1:].contiguous()
-    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
+    return {"tokens": tokens, "labels": labels, **document_fields(tokens, masking)}
 
 
 def make_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                     num_workers: int) -> torch.utils.data.DataLoader:
+                     num_workers: int, masking: DocumentMasking = DocumentMasking()) -> torch.utils.data.DataLoader:
     """DataLoader over this rank's micro-batches (PretrainingSampler), collated by `collate_samples`."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     # A private generator: each new iterator of a DataLoader draws its workers' base seed from it, and
@@ -130,7 +134,7 @@ def make_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_r
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=collate_samples,
+        collate_fn=functools.partial(collate_samples, masking=masking),
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -165,10 +169,12 @@ def build_train_valid_test_data_iterators(
     consumed_train_samples: int = 0,
     consumed_valid_samples: int = 0,
     seed: int | None = None,
+    masking: DocumentMasking = DocumentMasking(),
 ):
     """(train_iter, valid_iter, test_iter) for this data-parallel rank (`parallel.dp_rank/dp_size`).
 
-    Each yields `{"tokens": [b, s], "labels": [b, s], "loss_mask": [b, s]}` with b the micro batch size.
+    Each yields `{"tokens": [b, s], "labels": [b, s], "loss_mask": [b, s]}` with b the micro batch size,
+    plus the document fields `masking` asks for (`position_ids`, `cu_seqlens`, `max_seqlen`).
     The train iterator starts at global sample `consumed_train_samples`; valid and test cycle forever
     (valid starts at `consumed_valid_samples`). `seed` defaults to `training.seed`. None for an empty split.
     """
@@ -179,7 +185,8 @@ def build_train_valid_test_data_iterators(
 
     def loader_for(dataset):
         return lambda consumed: make_data_loader(
-            dataset, consumed % max(len(dataset), 1), micro, parallel.dp_rank, parallel.dp_size, data.num_workers
+            dataset, consumed % max(len(dataset), 1), micro, parallel.dp_rank, parallel.dp_size, data.num_workers,
+            masking,
         )
 
     train, valid, test = datasets
@@ -188,7 +195,7 @@ def build_train_valid_test_data_iterators(
         if consumed_train_samples > len(train):
             raise ValueError(f"consumed_train_samples={consumed_train_samples} exceeds the {len(train)} train samples")
         train_iter = iter(make_data_loader(train, consumed_train_samples, micro, parallel.dp_rank, parallel.dp_size,
-                                           data.num_workers))
+                                           data.num_workers, masking))
     valid_iter = CyclingIterator(loader_for(valid), consumed_valid_samples) if valid is not None else None
     test_iter = CyclingIterator(loader_for(test), 0) if test is not None else None
     return train_iter, valid_iter, test_iter

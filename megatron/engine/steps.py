@@ -49,10 +49,14 @@ class EngineStep:
 
     @staticmethod
     def _forward_loss(engine, batch: dict) -> torch.Tensor:
-        batch = {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
+        # tensors to the device; host values (max_seqlen of document-aware batches) stay on the host
+        batch = {key: value.to(engine.device, non_blocking=True) if torch.is_tensor(value) else value
+                 for key, value in batch.items()}
+        # document-aware batches (data.reset_attention_mask / reset_position_ids) carry more fields
+        documents = {key: batch[key] for key in ("position_ids", "cu_seqlens", "max_seqlen") if key in batch}
         # the model returns the scalar loss itself (fused output projection + cross entropy by default),
         # so the [b, s, vocab/tp] logits never leave it
-        return engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+        return engine(batch["tokens"], batch["labels"], batch["loss_mask"], **documents)
 
     def train(self, engine, iterator, measure_grad_norm: bool = False):
         engine.train()

@@ -15,59 +15,28 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.init import WeightInit, resolve_init_seed
+from megatron.model.attention_kernels import causal_attention, sdpa_causal
+from megatron.model.attention_support import check_attention_support
 from megatron.model.positional import RotaryEmbedding, apply_rotary
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.mpu.random import get_rng_tracker
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
-try:  # optional: attention_impl "flash"
-    from flash_attn import flash_attn_func
-except ImportError:  # checked at model build (ParallelSelfAttention.__init__)
-    flash_attn_func = None
-
-_SDPA_BACKENDS = {
-    "flash": "FLASH_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "math": "MATH",
-}
-
-
 def sdpa_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v through torch SDPA, without materializing a mask.
 
-    q `[b, nq, s, d]`, k and v `[b, nkv, s, d]` with nkv dividing nq: query head i attends with kv head
-    i // (nq / nkv) (grouped-query attention). Returns `[b, nq, s, d]`. `backend` forces one SDPA kernel.
+    q `[b, nq, s, d]`, k and v `[b, nkv, s, d]` with nkv dividing nq (grouped-query attention).
+    Returns `[b, nq, s, d]`. `backend` forces one SDPA kernel. (The layer itself calls
+    `attention_kernels.causal_attention` in the `[s, b, heads, d]` layout.)
     """
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and backend in ("efficient", "cudnn"):
-        # these kernels may not take enable_gqa: repeat each kv head for its query heads (exact)
-        repeats = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeats, dim=1)
-        v = v.repeat_interleave(repeats, dim=1)
-        gqa = False
-    kwargs = dict(dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-    if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """As `sdpa_causal_attention` (same shapes), through the flash-attn package (GPU, fp16/bf16)."""
-    out = flash_attn_func(  # flash-attn takes [b, s, heads, d] and handles nkv < nq itself
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
-    )
-    return out.transpose(1, 2)
+    q, k, v = (t.permute(2, 0, 1, 3) for t in (q, k, v))  # [s, b, heads, d] views
+    return sdpa_causal(q, k, v, dropout_p, backend).permute(1, 2, 0, 3)
 
 
 class ParallelSelfAttention(nn.Module):
@@ -98,11 +67,7 @@ class ParallelSelfAttention(nn.Module):
                 f"num_kv_heads {num_kv_heads} (and num_attention_heads {num_heads}) must be divisible by "
                 f"model_parallel_size {tp}: each tensor rank holds whole key/value groups"
             )
-        if model.attention_impl == "flash" and flash_attn_func is None:
-            raise ImportError(
-                "attention_impl: flash needs the flash-attn package: pip install flash-attn, "
-                "or set attention_impl: sdpa"
-            )
+        check_attention_support(model)  # kernel packages and features present (ConfigError otherwise)
         self.head_dim = model.hidden_size // num_heads
         self.q_per_kv = num_heads // num_kv_heads
         self.num_local_kv_heads = num_kv_heads // tp
@@ -110,6 +75,7 @@ class ParallelSelfAttention(nn.Module):
         self.attention_dropout = model.attention_dropout
         self.attention_impl = model.attention_impl
         self.sdpa_backend = model.sdpa_backend
+        self.window = model.sliding_window_width
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
         )
@@ -128,7 +94,11 @@ class ParallelSelfAttention(nn.Module):
             init_method=init.fn(model.output_layer_init_method, model, "linear_proj.weight"), params_dtype=dtype,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """x as in the class docstring; `position_ids` int64 `[b, s]` (full sequence; None: 0..s-1) for
+        rotary; `cu_seqlens` int32 `[n_docs + 1]` and `max_seqlen` (full sequence, all rows: see
+        megatron/data/doc_masks.py) restrict attention to each token's document."""
         qkv = self.linear_qkv(x)  # [s, b, local_kv * (q_per_kv + 2) * d] (full sequence)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.num_local_kv_heads, self.q_per_kv + 2, self.head_dim)
@@ -138,21 +108,23 @@ class ParallelSelfAttention(nn.Module):
         if self.rotary is not None:
             # rotated in the [s, b, heads, d] order, so new q and k are laid out like it (and so is the
             # attention output, which cuDNN lays out like q): no copies to and from [b, heads, s, d] order
-            cos, sin = self.rotary.cos_sin(s, q.device)  # [s, rotary_ndims]
-            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+            if position_ids is None:
+                cos, sin = self.rotary.cos_sin(s, q.device)  # [s, rotary_ndims]
+                cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+            else:
+                cos, sin = self.rotary.cos_sin_at(position_ids.t())  # [s, b, rotary_ndims]
+                cos, sin = cos[:, :, None, :], sin[:, :, None, :]
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d] views
 
         dropout_p = self.attention_dropout if self.training else 0.0
         # attention probabilities belong to the local heads (sharded): their dropout draws from the
         # tensor-rank RNG stream
         rng = get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
         with rng:
-            if self.attention_impl == "flash":
-                out = flash_causal_attention(q, k, v, dropout_p)
-            else:
-                out = sdpa_causal_attention(q, k, v, dropout_p, self.sdpa_backend)  # [b, local_heads, s, d]
+            out = causal_attention(q, k, v, impl=self.attention_impl, sdpa_backend=self.sdpa_backend,
+                                   dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   window=self.window)  # [s, b, local_heads, d]
 
-        out = out.permute(2, 0, 1, 3).reshape(s, b, self.num_local_heads * self.head_dim)  # [s, b, h/tp]
+        out = out.reshape(s, b, self.num_local_heads * self.head_dim)  # [s, b, h/tp]
         return self.linear_proj(out)  # [s, b, h] or [s/tp, b, h]

@@ -34,6 +34,7 @@ from megatron.model.attention import ParallelSelfAttention
 from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
+from megatron.model.offload import offloaded_checkpoint
 from megatron.model.positional import LearnedPositionEmbedding
 from megatron.mpu.cross_entropy import mask_padded_vocab, vocab_parallel_cross_entropy
 from megatron.mpu.fused_cross_entropy import fused_linear_cross_entropy
@@ -87,11 +88,15 @@ class Embedding(nn.Module):
             if parallel.sequence_parallel:  # each rank adds only its shard's positions
                 mark_sequence_parallel_param(self.position_embeddings.weight)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s]; position_ids int64 [b, s] (full sequence) or None for 0..s-1."""
         x = self.word_embeddings(tokens.t())  # [s, b, h] or [s/tp, b, h]
         if self.position_embeddings is not None:
             offset = self.parallel.tp_rank * x.shape[0] if self.parallel.sequence_parallel else 0
-            x = x + self.position_embeddings(x.shape[0], offset)  # [s_local, 1, h] broadcast over b
+            if position_ids is None:
+                x = x + self.position_embeddings(x.shape[0], offset)  # [s_local, 1, h] broadcast over b
+            else:  # this rank's columns of the full-sequence positions
+                x = x + self.position_embeddings.at(position_ids[:, offset:offset + x.shape[0]].t())
         return hidden_dropout(x, self.dropout, self.training, self.parallel.sequence_parallel)
 
 
@@ -124,8 +129,9 @@ class TransformerLayer(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return hidden_dropout(x, self.dropout, self.training, self.sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self._dropout(self.attention(self.input_norm(x)))
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        attn = self._dropout(self.attention(self.input_norm(x), position_ids, cu_seqlens, max_seqlen))
         if self.gpt_j_residual:
             mlp = self._dropout(self.mlp(self.post_attention_norm(x)))
             return x + attn + mlp
@@ -158,7 +164,12 @@ class GPTModel(nn.Module):
     Construction flags from TrainingArgs (they change how layers run, never the weights or keys):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
     (`partition_activations`: each tensor rank keeps only its 1/tp slice of a chunk's input)
-    (`mpu.random.checkpoint`, dropout masks replayed); `torch_compile` compiles each layer in place.
+    (`mpu.random.checkpoint`, dropout masks replayed), with `checkpoint_in_cpu` each chunk's input kept in
+    host memory (`model.offload`); `torch_compile` compiles each layer in place.
+
+    Document-aware batches (megatron/data/doc_masks.py) add `position_ids` [b, s] (positions restarting
+    per document) and `cu_seqlens` int32 [n_docs + 1] + `max_seqlen` (attention within documents), all of
+    the full sequence, also under sequence parallelism.
     """
 
     def __init__(
@@ -171,6 +182,7 @@ class GPTModel(nn.Module):
         checkpoint_activations: bool = False,
         checkpoint_num_layers: int = 1,
         partition_activations: bool = False,
+        checkpoint_in_cpu: bool = False,
         torch_compile: bool = False,
         init_seed: int | None = None,
     ):
@@ -190,6 +202,7 @@ class GPTModel(nn.Module):
         # where it is already a [s/tp, b, h] shard): keep 1/tp of it (mpu.random.checkpoint)
         self.partition_group = parallel.tp_group if (partition_activations and not parallel.sequence_parallel) \
             else None
+        self.checkpoint_in_cpu = checkpoint_in_cpu
         self.fused_cross_entropy = model.fused_cross_entropy
         self.cross_entropy_chunk_size = model.cross_entropy_chunk_size
         self.vocab_size = real_vocab_size(derived)  # ids >= it are padding: no probability
@@ -209,29 +222,36 @@ class GPTModel(nn.Module):
             for layer in self.layers:
                 layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
 
-    def _run_layers(self, start: int, end: int):
+    def _run_layers(self, start: int, end: int, **documents):
         def run(x: torch.Tensor) -> torch.Tensor:
             for layer in self.layers[start:end]:
-                x = layer(x)
+                x = layer(x, **documents)
             return x
 
         return run
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                loss_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         b, s = tokens.shape
         if self.parallel.sequence_parallel and s % self.parallel.tp_size != 0:
             raise ValueError(f"sequence_parallel needs seq_length {s} divisible by model_parallel_size "
                              f"{self.parallel.tp_size}")
-        x = self.embedding(tokens)  # [s, b, h] or [s/tp, b, h]
+        if cu_seqlens is not None and max_seqlen is None:
+            raise ValueError("cu_seqlens needs max_seqlen (the longest document, a Python int)")
+        documents = dict(position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        x = self.embedding(tokens, position_ids)  # [s, b, h] or [s/tp, b, h]
 
         n = len(self.layers)
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             for start in range(0, n, self.checkpoint_num_layers):
-                x = checkpoint(self._run_layers(start, min(start + self.checkpoint_num_layers, n)), x,
-                               partition_group=self.partition_group)
+                run = self._run_layers(start, min(start + self.checkpoint_num_layers, n), **documents)
+                if self.checkpoint_in_cpu:
+                    x = offloaded_checkpoint(run, x)
+                else:
+                    x = checkpoint(run, x, partition_group=self.partition_group)
         else:
-            x = self._run_layers(0, n)(x)
+            x = self._run_layers(0, n, **documents)(x)
 
         x = self.final_norm(x)
         if labels is None:

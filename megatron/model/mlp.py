@@ -9,6 +9,13 @@ gelu is exact (erf), or with `bias_gelu_fusion: true` the tanh approximation
 
 fc1 and gate are column-parallel (each rank holds intermediate/tp of the columns; the gate and up shards
 of a rank cover the same columns, so the product is local), fc2 is row-parallel.
+
+With `mlp_chunk_size` c the block runs on c tokens of the sequence at a time: y[i:i+c] = mlp(x[i:i+c]).
+The MLP acts on each token alone, so this is exact; each chunk is run under activation checkpointing
+(only its input is kept, its `[c, b, intermediate/tp]` activations are recomputed in backward), so the
+`[s, b, intermediate/tp]` intermediate never exists whole, forward or backward. Under sequence
+parallelism x is this rank's shard `[s/tp, b, h]`: a chunk of it is gathered (the chunks of every rank,
+`[c * tp, b, h]`) and the output reduce-scattered back to the same rows, so chunking composes with SP.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.neox_args.derive import GATED_ACTIVATIONS
+from megatron.mpu.random import checkpoint
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
 
@@ -51,6 +59,7 @@ class ParallelMLP(nn.Module):
         self.activation = model.activation
         init = init or WeightInit(resolve_init_seed(None), "mlp")
         self.gelu_approximate = "tanh" if model.bias_gelu_fusion else "none"
+        self.chunk_size = model.mlp_chunk_size
         column = dict(
             tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, gather_output=False,
             sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
@@ -69,6 +78,17 @@ class ParallelMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_size is None or x.shape[0] <= self.chunk_size:
+            return self._mlp(x)
+        chunks = []
+        for piece in torch.split(x, self.chunk_size, dim=0):  # [c, b, h] views of the (local) sequence
+            if torch.is_grad_enabled():
+                chunks.append(checkpoint(self._mlp, piece))  # dropout-free: no RNG state to replay
+            else:
+                chunks.append(self._mlp(piece))
+        return torch.cat(chunks, dim=0)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         up = self.linear_fc1(x)  # [s, b, ffn/tp]
         if self.linear_gate is not None:
             inner = ACTIVATIONS[self.activation](self.linear_gate(x)) * up

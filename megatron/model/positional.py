@@ -39,6 +39,13 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [s, rotary_ndims]
         return emb.cos(), emb.sin()
 
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables `[*positions.shape, rotary_ndims]` in fp32 for integer `positions` (any shape,
+        e.g. `[s, b]` when positions restart at each document)."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)  # [..., r/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [..., rotary_ndims]
+        return emb.cos(), emb.sin()
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first r = cos.shape[-1] dims of each head of x `[..., d]` with cos/sin broadcastable to
@@ -71,3 +78,7 @@ class LearnedPositionEmbedding(nn.Module):
             )
         positions = torch.arange(offset, offset + seq_len, device=self.weight.device)
         return self.weight[positions].unsqueeze(1)  # [s, 1, h]
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of integer `positions` (any shape, e.g. `[s, b]`) -> `[*positions.shape, h]`."""
+        return self.weight[positions]

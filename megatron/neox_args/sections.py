@@ -116,9 +116,25 @@ class ModelArgs:
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times model_parallel_size (for speed and even TP shards)."""
 
-    attention_impl: Literal["sdpa", "flash"] = "sdpa"
-    """Attention kernel: torch scaled_dot_product_attention (picks flash/cuDNN/efficient itself), or the
-    flash-attn package (must be installed)."""
+    attention_impl: Literal["sdpa", "flash", "fa4"] = "sdpa"
+    """Attention kernel: `sdpa`, torch scaled_dot_product_attention (picks flash/cuDNN/efficient itself; with
+    document masking or a sliding window, torch's varlen_attn on CUDA and per-document SDPA on CPU); `flash`,
+    the flash-attn 2 package; `fa4`, FlashAttention-4 (`flash_attn.cute`, pip package flash-attn-4; CUDA,
+    Hopper or Blackwell, bf16/fp16, head size a multiple of 8 up to 256 (128 on Blackwell), no attention
+    dropout). A missing package is a config error naming it."""
+
+    sliding_window_width: Optional[int] = None
+    """Sliding-window attention (GPT-NeoX's key, e.g. 4096 in its Mistral config): query i attends to keys
+    i - w .. i (itself and the w tokens before it), through the kernels' window support (never a mask of
+    s x s). None: full causal attention. Needs attention_impl fa4 or flash, or sdpa with torch >= 2.12 on
+    CUDA (per-block SDPA on CPU)."""
+
+    mlp_chunk_size: Optional[int] = None
+    """Compute the MLP this many tokens (of the sequence) at a time, so its `[s, b, intermediate/tp]`
+    activations never exist whole (4 GB per layer for 1.3B at 512k tokens). Exact: the MLP acts on each
+    token alone. Under sequence parallelism the chunks are of each rank's sequence shard (each chunk is
+    gathered and reduce-scattered on its own). The last chunk may be shorter. None: the whole sequence at
+    once."""
 
     sdpa_backend: Optional[Literal["flash", "cudnn", "efficient", "math"]] = None
     """Force one SDPA backend (GPU). null (the default) chooses for the device at start: cudnn on Hopper
@@ -243,6 +259,19 @@ class DataArgs:
     num_workers: int = 2
     """DataLoader worker processes per rank."""
 
+    reset_attention_mask: bool = False
+    """Document-aware attention (Megatron's key): a token attends only to the tokens of its own document,
+    a document ending with the tokenizer's end-of-document token. Delivered with each micro-batch as
+    document boundaries (`cu_seqlens`) for variable-length kernels, never as an s x s mask."""
+
+    reset_position_ids: bool = False
+    """Positions restart at 0 after each end-of-document token (Megatron's key), for rotary and learned
+    position embeddings."""
+
+    eod_mask_loss: bool = False
+    """No loss where the input token is the end-of-document token (GPT-NeoX's key: the first token of the
+    next document is not predicted from the previous one's end)."""
+
 
 @dataclass
 class TokenizerArgs:
@@ -335,6 +364,12 @@ class TrainingArgs:
     tensor ranks, and all-gathers it again to recompute the chunk in backward. Same numbers, 1/tp of the
     checkpoint memory, one all-gather per chunk in forward and in backward. No effect at model_parallel_size 1,
     without checkpoint_activations, or under sequence_parallel (the input is already a sequence shard)."""
+
+    checkpoint_in_cpu: bool = False
+    """Activation offload (GPT-NeoX's key): with checkpoint_activations, each checkpointed chunk's input is
+    kept in host memory (pinned, copied asynchronously on a side stream on CUDA) instead of on the device,
+    and copied back for the recomputation in backward. Saves num_layers/checkpoint_num_layers x s x b x h
+    activations of device memory (e.g. 48 GiB for 1.3B at 512k tokens) for as much pinned host memory."""
 
     torch_compile: Optional[bool] = None
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,

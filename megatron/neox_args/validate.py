@@ -10,11 +10,12 @@ from typing import Any, Mapping
 
 from megatron.neox_args.derive import GATED_ACTIVATIONS, mlp_widths, resolve_intermediate_size, resolve_num_kv_heads
 from megatron.neox_args.errors import ConfigError, where
+from megatron.neox_args.validate_long_seq import check_long_seq
 
 _POSITIVE_INTS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
               "seq_length", "max_position_embeddings", "rotary_emb_base", "make_vocab_size_divisible_by",
-              "mlp_multiple_of"),
+              "mlp_multiple_of", "sliding_window_width", "mlp_chunk_size"),
     "parallel": ("model_parallel_size",),
     "lr": ("lr_decay_iters",),
     "training": ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -255,3 +256,4 @@ def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
     _check_precision(args, sources)
     _check_optimizer_and_schedule(args, sources)
     _check_upstream_extras(args, sources)
+    check_long_seq(args, sources)

@@ -49,6 +49,7 @@ def build_model(args, parallel, device_type: str):
                      checkpoint_activations=args.training.checkpoint_activations,
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
                      partition_activations=args.training.partition_activations,
+                     checkpoint_in_cpu=args.training.checkpoint_in_cpu,
                      torch_compile=choices.torch_compile, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:
@@ -138,6 +139,7 @@ def build_and_train(args) -> dict:
     """The whole run on this rank; returns the trainer's final values."""
     from megatron.data import build_train_valid_test_data_iterators
     from megatron.engine import build_engine
+    from megatron.data.doc_masks import DocumentMasking
     from megatron.logging import MetricsLogger
     from megatron.tokenizer import build_tokenizer
     from megatron.training.metrics import ThroughputMeter
@@ -164,7 +166,9 @@ def build_and_train(args) -> dict:
     iterators = build_train_valid_test_data_iterators(
         args.data, args.training, args.derived, args.model.seq_length, parallel,
         consumed_train_samples=progress.consumed_train_samples,
-        consumed_valid_samples=progress.consumed_valid_samples, seed=args.training.seed)
+        consumed_valid_samples=progress.consumed_valid_samples, seed=args.training.seed,
+        masking=DocumentMasking(tokenizer.eod, args.data.reset_attention_mask, args.data.reset_position_ids,
+                                args.data.eod_mask_loss))
 
     logger = MetricsLogger(args.logging, args.logging.log_dir, rank, args.to_dict())
     meter = ThroughputMeter.for_run(args, device_type)

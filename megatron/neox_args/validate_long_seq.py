@@ -1,0 +1,65 @@
+"""Consistency checks of the long-sequence keys: attention kernel, sliding window, document masking,
+MLP chunking and activation offload. Each failure is a ConfigError naming keys, values, files and the fix.
+
+Whether a kernel's package is installed is checked when the model is built
+(megatron/model/attention_support.py), so that configs validate on machines without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from megatron.neox_args.errors import ConfigError, where
+
+FA4_HEAD_DIMS = "a multiple of 8 from 8 to 256 (Hopper; Blackwell takes up to 128, or 256)"
+INT32_TOKENS = 2**31
+"""Variable-length kernels index the packed micro-batch with int32 cumulative lengths."""
+
+
+def _fail(sources: Mapping[str, str], message: str, *keys: str) -> ConfigError:
+    return ConfigError(message.replace("{where}", where(sources, *keys)), key=keys[0] if keys else None,
+                       sources=[sources.get(k, "default") for k in keys])
+
+
+def _precision(args: Any) -> str:
+    if args.precision.bf16.get("enabled"):
+        return "bf16"
+    return "fp16" if args.precision.fp16.get("enabled") else "fp32"
+
+
+def check_long_seq(args: Any, sources: Mapping[str, str]) -> None:
+    """All checks of this module, on type-checked sections (NeoXArgs or look-alike)."""
+    model, data, training = args.model, args.data, args.training
+    impl = model.attention_impl
+    window = model.sliding_window_width
+    if impl == "fa4":
+        head_dim = model.hidden_size // model.num_attention_heads
+        if head_dim % 8 != 0 or not 8 <= head_dim <= 256:
+            raise _fail(sources, f"attention_impl: fa4 cannot take head size {head_dim} (hidden_size "
+                                 f"{model.hidden_size} / num_attention_heads {model.num_attention_heads}) {{where}}: "
+                                 f"FlashAttention-4 needs {FA4_HEAD_DIMS}. Change num_attention_heads or "
+                                 f"hidden_size, or set attention_impl: sdpa.",
+                        "attention_impl", "hidden_size", "num_attention_heads")
+        if _precision(args) == "fp32":
+            raise _fail(sources, "attention_impl: fa4 runs in bf16 or fp16 only, and this run is fp32 {where}; "
+                                 "set bf16: {enabled: true}, or attention_impl: sdpa.", "attention_impl", "bf16")
+        if model.attention_dropout > 0:
+            raise _fail(sources, f"attention_impl: fa4 has no attention dropout, but attention_dropout is "
+                                 f"{model.attention_dropout} {{where}}; set attention_dropout: 0.0, or "
+                                 f"attention_impl: sdpa or flash.", "attention_impl", "attention_dropout")
+    if impl == "sdpa" and model.attention_dropout > 0 and (window is not None or data.reset_attention_mask):
+        keys = ["attention_dropout", "reset_attention_mask" if data.reset_attention_mask else "sliding_window_width"]
+        raise _fail(sources, f"attention_dropout: {model.attention_dropout} with {keys[1]} and attention_impl: "
+                             f"sdpa {{where}}: torch's variable-length attention has no dropout; set "
+                             f"attention_dropout: 0.0, or attention_impl: flash.", *keys)
+    if data.reset_attention_mask:
+        micro = training.train_micro_batch_size_per_gpu or 1
+        if micro * model.seq_length >= INT32_TOKENS:
+            raise _fail(sources, f"reset_attention_mask with train_micro_batch_size_per_gpu {micro} x seq_length "
+                                 f"{model.seq_length} = {micro * model.seq_length} tokens {{where}}: variable-length "
+                                 f"kernels index a micro-batch with int32 offsets (< 2^31 tokens); lower the "
+                                 f"micro-batch or seq_length.", "reset_attention_mask", "seq_length")
+    if training.checkpoint_in_cpu and not training.checkpoint_activations:
+        raise _fail(sources, "checkpoint_in_cpu: true keeps the checkpointed layer inputs in host memory, but "
+                             "checkpoint_activations is false {where}; set checkpoint_activations: true, or "
+                             "checkpoint_in_cpu: false.", "checkpoint_in_cpu", "checkpoint_activations")
