@@ -382,6 +382,12 @@ class TrainingArgs:
     saving nothing. 0 stops at the first one. Checked every step in fp32, every `log_interval` steps in
     bf16 (whose step skips on the device without waiting for it)."""
 
+    memory_check: bool = True
+    """Before building the model, estimate this rank's device and host memory (weights, gradients, fp32
+    masters, optimizer states, activations with checkpointing/offload/chunking, pinned buffers:
+    megatron/training/memory_estimate.py) and refuse a run that cannot fit (config error with the numbers)
+    instead of it being killed later. false: skip the check."""
+
 
 @dataclass
 class CheckpointArgs:

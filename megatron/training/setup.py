@@ -154,6 +154,9 @@ def build_and_train(args) -> dict:
     lock = take_save_dir_lock(args, rank)
     tokenizer = build_tokenizer(args.tokenizer)
     args.set_vocab_size(tokenizer.vocab_size)
+    from megatron.training.memory_estimate import check_run_memory
+
+    check_run_memory(args, device_type)  # ConfigError with the numbers when the run cannot fit
 
     model, sum_sp_grads_per_step = build_model(args, parallel, device_type)
     engine = build_engine(args, model, device_type, parallel)

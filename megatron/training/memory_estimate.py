@@ -1,0 +1,260 @@
+"""Device and host memory of one rank, estimated from the config before anything is allocated.
+
+    python -m megatron.training.memory_estimate configs/6-9B.yml configs/local_setup.yml \
+        --set seq_length=131072 --device-gib 139 --host-gib 125 [--vocab 50277]
+
+`estimate_memory(args)` returns a `MemoryEstimate` (bytes per term, device and host); `check_memory`
+compares it with what this machine has (`torch.cuda.mem_get_info`, /proc/meminfo `MemAvailable`, both
+read before the model is built) and raises a ConfigError with the numbers when a run cannot fit, instead
+of the run being killed by the kernel's OOM killer an hour later. train.py calls it on every rank
+(`memory_check`, on by default).
+
+The terms, for P parameters on this rank (all of them over the tensor-parallel size t), data-parallel
+size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
+
+  weights            a P on the device (ZeRO-3: a P / d)
+  gradients          a P (ZeRO-2/3: a P / d); bf16 with data_types.grad_accum_dtype fp32 at ZeRO-1
+                     (DeepSpeed's BF16_Optimizer): 4 P of fp32 sums instead (each bf16 gradient is
+                     added to its sum as it is produced and freed)
+  fp32 masters       4 P / d (bf16/fp16 only)       } on the host with offload_optimizer.device cpu,
+  Adam states        8 P / d (exp_avg, exp_avg_sq)  } with 4 P / d fp32 gradients and a P / d
+                                                      bf16 copy-back buffer there too
+  pinned buffers     with offload_optimizer.pin_memory, the masters, fp32 gradients and the bf16 buffer
+                     are page-locked; torch's pinned allocator rounds every block up to a power of two
+  activations        E = s b h (the micro-batch's residual stream), E_l = E / t under SP:
+    no checkpointing:  per layer (replicated part r + sharded part) E a, with r = 2 norm inputs (1 with
+                       gpt_j_residual) + 2 column-parallel inputs, /t under SP; sharded part
+                       = (qkv width + rotated q, k width + attention output) / h / t
+                       + MLP intermediates: 2 ffn/h/t (gelu/relu; 1 with torch_compile, which recomputes
+                       the activation) or 4 ffn/h/t (swiglu; 2 compiled), times min(1, mlp_chunk_size / s_l)
+    checkpointing:     ceil(L / k) E_l a for the chunk inputs (on the host with checkpoint_in_cpu,
+                       pinned and rounded), plus one chunk of k layers recomputed as above
+    always:            3 E a around the layers (embedding output, final norm, gathered head input),
+                       2 E a of gradients in flight, the fused cross entropy's two
+                       [chunk, V/t] fp32 blocks
+  host baseline      4 GiB per rank (CUDA context, torch, data-loader workers): an allowance, not a count
+
+Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
+67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB) in tests/unit/training/test_memory_estimate.py,
+and against the measured CPU memory of a small fp32 model there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+
+from megatron.neox_args.errors import ConfigError
+from megatron.training.metrics import count_non_embedding_params
+
+GIB = 2**30
+HOST_BASELINE_BYTES = 4 * GIB
+"""Allowance per rank for the CUDA context, torch's libraries and the data-loader workers."""
+
+
+def pinned_size(nbytes: float) -> float:
+    """Bytes torch's pinned host allocator reserves for a block of `nbytes` (next power of two)."""
+    return 0.0 if nbytes <= 0 else float(2 ** math.ceil(math.log2(nbytes)))
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per term on the device and on the host of one rank (see the module docstring)."""
+
+    device: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+
+    @property
+    def device_bytes(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_bytes(self) -> float:
+        return sum(self.host.values())
+
+    def table(self) -> str:
+        lines = []
+        for where, terms in (("device", self.device), ("host", self.host)):
+            total = sum(terms.values())
+            lines.append(f"{where}: {total / GIB:.1f} GiB = " + " + ".join(
+                f"{name} {value / GIB:.1f}" for name, value in terms.items() if value > 0))
+        return "\n".join(lines)
+
+
+def total_params(model, derived) -> int:
+    """All parameters of the model: the matmul ones of `count_non_embedding_params`, plus the input
+    embedding when untied (tied: it is the output layer already counted) and learned positions."""
+    n = count_non_embedding_params(model, derived)
+    if model.no_weight_tying:
+        n += derived.padded_vocab_size * model.hidden_size
+    if model.pos_emb == "learned":
+        n += derived.max_position_embeddings * model.hidden_size
+    return n
+
+
+def _precision_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, compiled: bool) -> float:
+    """Elements (in units of E = s b h) autograd keeps for one layer's backward, with no checkpointing."""
+    h, heads, kv = model.hidden_size, model.num_attention_heads, derived.num_kv_heads
+    head_dim = h // heads
+    qkv = (heads + 2 * kv) * head_dim / h
+    rotated = (heads + kv) * head_dim / h if model.pos_emb == "rotary" else 0.0
+    attention = (qkv + rotated + 1.0) / tp
+    ffn = derived.intermediate_size / h
+    per_ffn = (2.0 if model.activation == "swiglu" else 1.0) * (1.0 if compiled else 2.0)
+    mlp = per_ffn * ffn / tp
+    if model.mlp_chunk_size is not None:
+        s_local = model.seq_length / (tp if sequence_parallel else 1)
+        mlp *= min(1.0, model.mlp_chunk_size / s_local)
+    replicated = (1.0 if model.gpt_j_residual else 2.0) + 2.0
+    if sequence_parallel:
+        replicated /= tp
+    return replicated + attention + mlp
+
+
+def estimate_memory(args) -> MemoryEstimate:
+    """The estimate for a resolved NeoXArgs (vocab size set) on one rank."""
+    model, derived, parallel, training = args.model, args.derived, args.parallel, args.training
+    tp, dp = parallel.model_parallel_size, derived.data_parallel_size
+    sp = parallel.sequence_parallel
+    a = _precision_bytes(derived.precision)
+    p = total_params(model, derived) / tp
+    zero = parallel.zero_optimization
+    stage = zero.get("stage", 0)
+    offload = zero.get("offload_optimizer") or {}
+    offloaded = stage > 0 and offload.get("device", "none") == "cpu"
+    pinned = offloaded and bool(offload.get("pin_memory", False))
+    fp32_sums = (derived.precision != "fp32" and args.precision.data_types.get("grad_accum_dtype") == "fp32"
+                 and stage == 1 and not offloaded)
+    est = MemoryEstimate()
+    dev, host = est.device, est.host
+
+    dev["weights"] = a * p / (dp if stage == 3 else 1)
+    if fp32_sums:  # BF16_Optimizer sums each bf16 gradient into fp32 as it is produced and frees it
+        dev["fp32 gradient sums"] = 4 * p
+    else:
+        dev["gradients"] = a * p / (dp if stage >= 2 else 1)
+    state_shard = p / (dp if stage >= 1 else 1)
+    optimizer = {"Adam states": 8 * state_shard}
+    if derived.precision != "fp32":
+        optimizer["fp32 masters"] = 4 * state_shard
+    if offloaded:
+        host_terms = dict(optimizer)
+        host_terms["fp32 gradients"] = 4 * state_shard
+        host_terms["bf16 copy buffer"] = a * state_shard
+        for name in ("fp32 masters", "fp32 gradients", "bf16 copy buffer"):
+            if pinned and name in host_terms:
+                host_terms[name] = pinned_size(host_terms[name])
+        host.update({f"offload: {k}": v for k, v in host_terms.items()})
+    else:
+        dev.update(optimizer)
+
+    micro = derived.train_micro_batch_size_per_gpu
+    e = micro * model.seq_length * model.hidden_size * a  # bytes of one [s, b, h] activation
+    e_local = e / tp if sp else e
+    per_layer = layer_activation_elements(model, derived, tp, sp, training.torch_compile) * e
+    layers = model.num_layers
+    if training.checkpoint_activations:
+        k = training.checkpoint_num_layers
+        inputs = math.ceil(layers / k) * e_local
+        if training.checkpoint_in_cpu:
+            host["checkpointed inputs (pinned)"] = math.ceil(layers / k) * pinned_size(e_local)
+        else:
+            dev["checkpointed inputs"] = inputs
+        dev["recomputed chunk"] = min(k, layers) * per_layer
+    else:
+        dev["layer activations"] = layers * per_layer
+    chunk = min(model.cross_entropy_chunk_size, micro * model.seq_length) if model.fused_cross_entropy \
+        else micro * model.seq_length
+    dev["head and loss"] = 3 * e + 2 * 4 * chunk * derived.padded_vocab_size / tp
+    dev["gradients in flight"] = 2 * e
+    host["baseline allowance"] = HOST_BASELINE_BYTES
+    return est
+
+
+def _host_available_bytes() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(args, est: MemoryEstimate, device_free: float | None, host_available: float | None,
+                 ranks_per_host: int = 1) -> None:
+    """Raise ConfigError when the estimate exceeds the device's free memory or the host's available
+    memory (shared by `ranks_per_host` ranks). None capacities are not checked."""
+    hint = ("Levers: checkpoint_activations (and checkpoint_num_layers 1), mlp_chunk_size, checkpoint_in_cpu, "
+            "zero_optimization stage 2 with offload_optimizer {device: cpu} (pin_memory: false uses less host "
+            "memory), model_parallel_size with sequence_parallel, a shorter seq_length or micro-batch; "
+            "memory_check: false skips this check.")
+    if device_free is not None and est.device_bytes > device_free:
+        raise ConfigError(
+            f"memory_check: this run needs about {est.device_bytes / GIB:.1f} GiB of device memory per rank but "
+            f"{device_free / GIB:.1f} GiB are free (seq_length {args.model.seq_length}, micro-batch "
+            f"{args.derived.train_micro_batch_size_per_gpu}). Estimate: {est.table()}. {hint}", key="memory_check")
+    if host_available is not None and est.host_bytes * ranks_per_host > host_available:
+        raise ConfigError(
+            f"memory_check: this run needs about {est.host_bytes * ranks_per_host / GIB:.1f} GiB of host memory "
+            f"({ranks_per_host} rank(s) x {est.host_bytes / GIB:.1f} GiB) but {host_available / GIB:.1f} GiB are "
+            f"available; it would be killed by the kernel once the optimizer states exist. Estimate: "
+            f"{est.table()}. {hint}", key="memory_check")
+
+
+def check_run_memory(args, device_type: str) -> MemoryEstimate:
+    """The estimate of this run, checked against this machine (called by train.py on every rank)."""
+    est = estimate_memory(args)
+    if not args.training.memory_check:
+        return est
+    device_free = None
+    if device_type == "cuda":
+        import torch
+
+        device_free = float(torch.cuda.mem_get_info()[0])
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    check_memory(args, est, device_free, _host_available_bytes(), ranks)
+    return est
+
+
+def main(argv=None) -> int:
+    from megatron.neox_args import NeoXArgs
+
+    parser = argparse.ArgumentParser(description="Estimate device and host memory of a config (one rank).")
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (YAML value)")
+    parser.add_argument("--vocab", type=int, default=50277, help="tokenizer vocabulary (default: GPT-NeoX's 50277)")
+    parser.add_argument("--world-size", type=int, default=None)
+    parser.add_argument("--device-gib", type=float, default=None, help="device memory to check against")
+    parser.add_argument("--host-gib", type=float, default=None, help="host memory to check against")
+    opts = parser.parse_args(argv)
+    import yaml
+
+    from megatron.neox_args.loader import Setting, merge_settings, read_yaml_file
+
+    settings = merge_settings([(read_yaml_file(path), path) for path in opts.configs])
+    for item in opts.set:  # --set replaces a key of the files (top-level keys only)
+        key, _, value = item.partition("=")
+        settings[key.replace("-", "_")] = Setting(yaml.safe_load(value), "--set", key)
+    args = NeoXArgs._build(settings, opts.world_size, check_files=False)
+    args.set_vocab_size(opts.vocab)
+    est = estimate_memory(args)
+    print(est.table())
+    try:
+        check_memory(args, est, None if opts.device_gib is None else opts.device_gib * GIB,
+                     None if opts.host_gib is None else opts.host_gib * GIB)
+    except ConfigError as err:
+        print(f"refused: {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The memory estimate: its terms against the issue's H200 measurements, against the measured CPU memory
+of a small fp32 model, and the refusal of a run that cannot fit (the 6.9B ZeRO-2 CPU-offload run that
+the kernel killed on a 128 GiB host)."""
+
+import gc
+
+import pytest
+import torch
+
+from megatron.neox_args import ConfigError, NeoXArgs
+from megatron.training.memory_estimate import GIB, check_memory, estimate_memory, pinned_size, total_params
+
+SETUP = {"data_path": "data/bundled/pystdlib_text_document"}
+
+
+def _args(size_file, vocab=50277, **overrides):
+    from megatron.neox_args.loader import read_yaml_file
+
+    config = {**read_yaml_file(f"configs/{size_file}"), **SETUP,
+              "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "model_parallel_size": 1}
+    config.pop("train_batch_size", None)
+    config.update(overrides)
+    args = NeoXArgs.from_dict(config, world_size=1)
+    args.set_vocab_size(vocab)
+    return args
+
+
+# (size file, seq, measured peak GiB on one H200 (issue 16, bf16, compile, full checkpointing, ZeRO-1))
+MEASURED = [("1-3B.yml", 32768, 29.4), ("1-3B.yml", 131072, 45.5), ("1-3B.yml", 262144, 67.1),
+            ("6-9B.yml", 32768, 132.2)]
+
+
+@pytest.mark.parametrize("size_file, seq, peak_gib", MEASURED)
+def test_device_estimate_matches_the_h200_measurements(size_file, seq, peak_gib):
+    args = _args(size_file, seq_length=seq, max_position_embeddings=seq, torch_compile=True)
+    est = estimate_memory(args)
+    assert est.device_bytes / GIB == pytest.approx(peak_gib, rel=0.06)
+
+
+def test_the_killed_offload_run_is_refused_and_the_unpinned_one_fits():
+    common = dict(seq_length=32768, max_position_embeddings=32768, torch_compile=True, data_types={})
+    pinned = _args("6-9B.yml", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu",
+                                                                                   "pin_memory": True}}, **common)
+    est = estimate_memory(pinned)
+    p = total_params(pinned.model, pinned.derived)
+    # fp32 masters and gradients (4 P each) and the bf16 buffer (2 P) pinned and rounded up, Adam 8 P
+    assert est.host["offload: fp32 masters"] == pinned_size(4 * p) == 32 * GIB
+    assert est.host["offload: Adam states"] == 8 * p
+    with pytest.raises(ConfigError, match=r"needs about 135\.\d GiB of host memory .* 125\.0 GiB are available"):
+        check_memory(pinned, est, device_free=139 * GIB, host_available=125 * GIB)
+    unpinned = _args("6-9B.yml", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu",
+                                                                                     "pin_memory": False}}, **common)
+    check_memory(unpinned, estimate_memory(unpinned), device_free=139 * GIB, host_available=125 * GIB)
+    # two ranks on that host do not fit
+    with pytest.raises(ConfigError, match="2 rank"):
+        check_memory(unpinned, estimate_memory(unpinned), None, 125 * GIB, ranks_per_host=2)
+
+
+def test_device_refusal_names_the_numbers_and_the_levers():
+    args = _args("6-9B.yml", seq_length=131072, max_position_embeddings=131072)
+    with pytest.raises(ConfigError) as info:
+        check_memory(args, estimate_memory(args), device_free=139 * GIB, host_available=None)
+    message = str(info.value)
+    assert "GiB of device memory" in message and "139.0 GiB are free" in message
+    assert "offload_optimizer" in message and "memory_check: false" in message
+
+
+def test_levers_move_memory_where_they_should():
+    base = dict(seq_length=524288, max_position_embeddings=524288, torch_compile=True)
+    plain = estimate_memory(_args("1-3B.yml", **base))
+    chunked = estimate_memory(_args("1-3B.yml", mlp_chunk_size=65536, **base))
+    offloaded = estimate_memory(_args("1-3B.yml", mlp_chunk_size=65536, checkpoint_in_cpu=True, **base))
+    e = 524288 * 2048 * 2  # one [s, b, h] bf16 activation
+    assert plain.device["checkpointed inputs"] == 24 * e
+    assert plain.device["recomputed chunk"] - chunked.device["recomputed chunk"] == pytest.approx(4 * e * (1 - 1 / 8))
+    assert "checkpointed inputs" not in offloaded.device
+    assert offloaded.host["checkpointed inputs (pinned)"] == 24 * pinned_size(e)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_static_estimate_matches_measured_cpu_memory():
+    """fp32, ZeRO-0, torch AdamW on CPU: weights 4P + gradients 4P + Adam states 8P, measured as the growth
+    of this process's resident memory over building the model and taking one optimizer step."""
+    from megatron.model import GPTModel
+    from megatron.mpu.initialize import ParallelState
+
+    args = _args("tiny.yml", vocab=257, num_layers=4, hidden_size=512, num_attention_heads=8, seq_length=64,
+                 max_position_embeddings=64)
+    est = estimate_memory(args)
+    static = est.device["weights"] + est.device["gradients"] + est.device["Adam states"]
+    warm_args = _args("tiny.yml", vocab=257, num_layers=1, hidden_size=64, num_attention_heads=8, seq_length=64,
+                      max_position_embeddings=64)
+    warm = GPTModel(warm_args.model, warm_args.derived, ParallelState.single())  # first-call costs of torch ops
+    warm_opt = torch.optim.AdamW(warm.parameters(), lr=1e-3)
+    warm(torch.randint(0, 257, (1, 64)), torch.randint(0, 257, (1, 64))).backward()
+    warm_opt.step()
+    gc.collect()
+    before = _rss_bytes()
+    model = GPTModel(args.model, args.derived, ParallelState.single())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 257, (1, 64))
+    model(tokens, tokens).backward()
+    optimizer.step()
+    gc.collect()
+    grown = _rss_bytes() - before
+    n = sum(p.numel() for p in model.parameters())
+    assert n == total_params(args.model, args.derived)
+    assert grown == pytest.approx(static, rel=0.15), (grown / 2**20, static / 2**20)
