@@ -80,3 +80,30 @@ def test_bf16_size_files_accumulate_gradients_in_fp32(name):
     if args.derived.precision == "bf16":
         assert args.deepspeed_config()["data_types"] == {"grad_accum_dtype": "fp32"}
         assert deepspeed_optimizer_kind(args).wrapper == "BF16_Optimizer"
+
+
+LONG_SEQ = sorted(p.name for p in (CONFIGS / "long_seq").glob("*.yml"))
+H200_DEVICE_GIB, HOST_GIB = 139.0, 125.0  # one H200; a 128 GiB host (MemAvailable)
+
+
+def test_the_long_sequence_configs_ship():
+    assert {"1-3B-128k.yml", "1-3B-512k.yml", "6-9B-128k.yml", "6-9B-128k-tp8.yml", "13B-256k-tp8.yml"} <= set(LONG_SEQ)
+
+
+@pytest.mark.parametrize("name", LONG_SEQ)
+def test_long_sequence_configs_validate_and_fit_an_h200(name):
+    """Each validates with local_setup.yml on its tensor-parallel world size, and its memory estimate fits
+    one H200 and a 128 GiB host (all ranks of the node)."""
+    from megatron.training.memory_estimate import GIB, check_memory, estimate_memory
+
+    plain = NeoXArgs.from_ymls([str(CONFIGS / "long_seq" / name), str(CONFIGS / SETUP)], world_size=8)
+    tp = plain.parallel.model_parallel_size
+    args = NeoXArgs.from_ymls([str(CONFIGS / "long_seq" / name), str(CONFIGS / SETUP)], world_size=tp)
+    assert args.model.seq_length >= 131072 and args.model.max_position_embeddings == args.model.seq_length
+    assert args.model.attention_impl == "fa4" and args.derived.precision == "bf16"
+    assert args.training.checkpoint_activations
+    if tp > 1:
+        assert args.parallel.sequence_parallel and tp == 8
+    args.set_vocab_size(50277)
+    est = estimate_memory(args)
+    check_memory(args, est, device_free=H200_DEVICE_GIB * GIB, host_available=HOST_GIB * GIB, ranks_per_host=tp)
