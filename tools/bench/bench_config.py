@@ -20,6 +20,8 @@ SIZE_CONFIGS = {
     "410M": "configs/410M.yml",
     "1.3B": "configs/1-3B.yml",
     "llama-1B": "configs/llama-1B.yml",
+    "2.7B": "configs/2-7B.yml",
+    "6.9B": "configs/6-9B.yml",
 }
 """Size name on the command line -> size config (relative to the repository root)."""
 

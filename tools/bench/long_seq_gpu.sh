@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Long-sequence measurements on ONE H200 (issue 16), in stages: each stage is one command of the GPU
+# machine (<= 10 min), printed with its expected duration. Run from the repository root:
+#   bash tools/bench/long_seq_gpu.sh STAGE
+# Setup on the GPU machine (torch 2.11 + CUDA 13, no internet; wheels made here beforehand):
+#   bash ../shared/gpu/make-wheels.sh && bash ../shared/gpu/make-cute-wheels.sh     (on the CPU machine, once)
+#   command 1, carrying .cute-a:   cp -r .cute-a /tmp/cute-a
+#   command 2, carrying .whl and .cute-b (within ~30 s):  bash tools/bench/long_seq_gpu.sh <stage>
+# Every stage installs the wheels itself (fast when already there) and writes JSON/logs under $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/long_seq_out}; mkdir -p "$OUT"
+setup() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  if [ -d .cute-b ]; then source .cute-b/install-cute.sh; fi
+  export PYTHONPATH=$PWD:/tmp/site${CUTE_PATH:+:$CUTE_PATH}
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
+}
+B="python3 tools/bench/bench_throughput.py --baselines= --micro-batch 1 --timing events"
+FAST="--set torch_compile=true --set eval_iters=0"
+stage=${1:-help}
+case "$stage" in
+  tests)   # ~3 min (FA4 compiles its kernels on first use): numerics of FA4 / varlen / offload
+    setup; python3 -m pytest -m gpu tests/gpu/test_gpu_long_seq.py -q -x 2>&1 | tail -20 ;;
+  attention)   # ~2 min: FA4 vs cuDNN (and torch varlen) per shape, fwd+bwd causal bf16
+    setup; python3 tools/bench/bench_attention.py --head-dims 64,128 --seqs 2048,8192,32768,131072 \
+      --kernels fa4,cudnn,varlen --tokens 131072 --warmup 2 --iters 5 --out "$OUT/attention.json" ;;
+  1.3b-128k)   # ~5 min: 1.3B at 131072, FA4 vs cuDNN SDPA (one command, variants side by side)
+    setup; $B --sizes 1.3B --seq 131072 --steps 3 --warmup 2 $FAST --set gradient_accumulation_steps=1 \
+      --variant "fa4: attention_impl=fa4" --variant "cudnn: sdpa_backend=cudnn" \
+      --out "$OUT/1-3B-128k.json" --markdown ;;
+  6.9b-128k)   # ~5 min: 6.9B at 131072 on one GPU, ZeRO-2 + CPU Adam (first use JIT-builds cpu_adam: +1-2 min)
+    setup; $B --sizes 6.9B --seq 131072 --steps 1 --warmup 1 $FAST --set model_parallel_size=1 \
+      --set 'zero_optimization={stage: 2, offload_optimizer: {device: cpu, pin_memory: false}, overlap_comm: true, contiguous_gradients: true}' \
+      --set 'data_types={}' --set communication_data_type=null --set attention_impl=fa4 --set mlp_chunk_size=32768 \
+      --out "$OUT/6-9B-128k.json" --markdown ;;
+  1.3b-512k)   # ~8 min (one step is ~3.5 min at 512k): 1.3B at 524288, FA4, MLP in 64k chunks
+    setup; $B --sizes 1.3B --seq 524288 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 \
+      --set mlp_chunk_size=65536 --out "$OUT/1-3B-512k.json" --markdown --timeout 590 ;;
+  maxseq)   # ~8 min (410M config has no checkpointing: turned on): the max-sequence table's other rows, one step each at the estimate's longest fitting
+            # power-of-two length (python -m megatron.training.memory_estimate ... --device-gib 139 says which)
+    setup
+    $B --sizes 410M --seq 524288 --steps 1 --warmup 1 $FAST --set checkpoint_activations=true --set attention_impl=fa4 --set mlp_chunk_size=65536 \
+      --out "$OUT/410M-512k.json" --markdown --timeout 280
+    $B --sizes 2.7B --seq 262144 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 --set mlp_chunk_size=65536 \
+      --out "$OUT/2-7B-256k.json" --markdown --timeout 280 ;;
+  estimate)  # seconds, CPU only: the estimate of every row, to pick the lengths
+    for s in 131072 262144 524288 1048576; do for z in 410M:configs/410M.yml 1.3B:configs/1-3B.yml 2.7B:configs/2-7B.yml; do
+      echo "== ${z%%:*} seq $s"; python3 -m megatron.training.memory_estimate "${z#*:}" configs/local_setup.yml \
+        --world-size 1 --set seq_length=$s --set max_position_embeddings=$s --set train_micro_batch_size_per_gpu=1 \
+        --set gradient_accumulation_steps=1 --set torch_compile=true --set mlp_chunk_size=65536 --set checkpoint_activations=true --device-gib 139 | grep "^device\|^refused" | cut -c1-60
+    done; done ;;
+  *) sed -n '2,9p' "$0"; echo "stages: tests attention 1.3b-128k 6.9b-128k 1.3b-512k maxseq estimate" ;;
+esac
