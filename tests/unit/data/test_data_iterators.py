@@ -130,3 +130,29 @@ def test_parse_split():
     assert parse_split("1,1,1", 10) == [(0, 3), (3, 7), (7, 10)]
     with pytest.raises(ValueError, match="969,30,1"):
         parse_split("a,b", 10)
+
+
+def test_document_fields_come_with_every_micro_batch(tmp_path):
+    """Documents ending with the end-of-document id (as preprocessing --append-eod writes them): each batch
+    carries loss_mask, position_ids, cu_seqlens and max_seqlen built from its own tokens."""
+    from megatron.data.doc_masks import DocumentMasking, document_fields
+
+    eod = 999
+    rng = np.random.default_rng(1)
+    prefix = str(tmp_path / "eod_corpus")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for n in rng.integers(3, 12, size=100):
+        builder.add_item(np.append(rng.integers(1, 900, size=n), eod))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    masking = DocumentMasking(eod, reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True)
+    train, _, _ = iterators(*setup(2, 1, 1, data_path=prefix, split="1,0,0"), masking=masking)
+    docs_seen = 0
+    for batch in take(train, 4):
+        assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "max_seqlen"}
+        expected = document_fields(batch["tokens"], masking)
+        assert torch.equal(batch["cu_seqlens"], expected["cu_seqlens"]) and batch["max_seqlen"] == expected["max_seqlen"]
+        assert torch.equal(batch["position_ids"], expected["position_ids"])
+        assert torch.equal(batch["loss_mask"], (batch["tokens"] != eod).float())
+        docs_seen += len(batch["cu_seqlens"]) - 1
+    assert docs_seen > 4 * 2  # more documents than rows: boundaries inside samples
