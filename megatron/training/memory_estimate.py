@@ -117,8 +117,9 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     return replicated + attention + mlp
 
 
-def estimate_memory(args) -> MemoryEstimate:
-    """The estimate for a resolved NeoXArgs (vocab size set) on one rank."""
+def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
+    """The estimate for a resolved NeoXArgs (vocab size set) on one rank of `device_type` (an unset
+    torch_compile counts as resolved for it: compiled on CUDA, megatron/training/device_defaults.py)."""
     model, derived, parallel, training = args.model, args.derived, args.parallel, args.training
     tp, dp = parallel.model_parallel_size, derived.data_parallel_size
     sp = parallel.sequence_parallel
@@ -157,7 +158,8 @@ def estimate_memory(args) -> MemoryEstimate:
     micro = derived.train_micro_batch_size_per_gpu
     e = micro * model.seq_length * model.hidden_size * a  # bytes of one [s, b, h] activation
     e_local = e / tp if sp else e
-    per_layer = layer_activation_elements(model, derived, tp, sp, training.torch_compile) * e
+    compiled = training.torch_compile if training.torch_compile is not None else device_type == "cuda"
+    per_layer = layer_activation_elements(model, derived, tp, sp, compiled) * e
     layers = model.num_layers
     if training.checkpoint_activations:
         k = training.checkpoint_num_layers
@@ -211,7 +213,7 @@ def check_memory(args, est: MemoryEstimate, device_free: float | None, host_avai
 
 def check_run_memory(args, device_type: str) -> MemoryEstimate:
     """The estimate of this run, checked against this machine (called by train.py on every rank)."""
-    est = estimate_memory(args)
+    est = estimate_memory(args, device_type)
     if not args.training.memory_check:
         return est
     device_free = None
