@@ -17,13 +17,13 @@ import contextlib
 import torch
 from torch import nn
 
-from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.attention_kernels import causal_attention, sdpa_causal
 from megatron.model.attention_support import check_attention_support
+from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.positional import RotaryEmbedding, apply_rotary
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.mpu.random import get_rng_tracker
+from megatron.mpu.random import checkpoint, get_rng_tracker
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
 def sdpa_causal_attention(
@@ -76,6 +76,7 @@ class ParallelSelfAttention(nn.Module):
         self.attention_impl = model.attention_impl
         self.sdpa_backend = model.sdpa_backend
         self.window = model.sliding_window_width
+        self.recompute_core = False  # set by GPTModel for recompute_modules: [core_attn]
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
         )
@@ -118,13 +119,18 @@ class ParallelSelfAttention(nn.Module):
             k = apply_rotary(k, cos, sin)
 
         dropout_p = self.attention_dropout if self.training else 0.0
-        # attention probabilities belong to the local heads (sharded): their dropout draws from the
-        # tensor-rank RNG stream
-        rng = get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
-        with rng:
-            out = causal_attention(q, k, v, impl=self.attention_impl, sdpa_backend=self.sdpa_backend,
-                                   dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                   window=self.window)  # [s, b, local_heads, d]
+        def core(q, k, v):
+            # attention probabilities belong to the local heads (sharded): their dropout draws from the
+            # tensor-rank RNG stream
+            with get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext():
+                return causal_attention(q, k, v, impl=self.attention_impl, sdpa_backend=self.sdpa_backend,
+                                        dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                        window=self.window)  # [s, b, local_heads, d]
+
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(core, q, k, v)  # only q, k, v kept; the tracker stream replayed for dropout
+        else:
+            out = core(q, k, v)
 
         out = out.reshape(s, b, self.num_local_heads * self.head_dim)  # [s, b, h/tp]
         return self.linear_proj(out)  # [s, b, h] or [s/tp, b, h]

@@ -183,6 +183,7 @@ def _window_size(window: Optional[int]) -> tuple:
     return (None, None) if window is None else (window, 0)
 
 
+@torch.compiler.disable  # a CuTe-DSL kernel with its own compile cache: compiled layers call it as is
 def fa4_attention(q, k, v, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                   window: Optional[int] = None) -> torch.Tensor:
     """FlashAttention-4 (`flash_attn.cute`), causal, optionally per document and/or with a window."""
@@ -200,6 +201,7 @@ def fa4_attention(q, k, v, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen
     return _unpacked(out, s, b)
 
 
+@torch.compiler.disable
 def flash2_attention(q, k, v, dropout_p: float = 0.0, cu_seqlens: Optional[torch.Tensor] = None,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None) -> torch.Tensor:
     """The flash-attn (2.x) package, causal, optionally per document and/or with a window (w, 0)."""

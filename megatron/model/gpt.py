@@ -165,7 +165,8 @@ class GPTModel(nn.Module):
     `checkpoint_activations` / `checkpoint_num_layers` recompute chunks of layers in backward
     (`partition_activations`: each tensor rank keeps only its 1/tp slice of a chunk's input)
     (`mpu.random.checkpoint`, dropout masks replayed), with `checkpoint_in_cpu` each chunk's input kept in
-    host memory (`model.offload`); `torch_compile` compiles each layer in place.
+    host memory (`model.offload`); `recompute_modules` (`core_attn`, `mlp_act`) recompute those parts of
+    every layer only; `torch_compile` compiles each layer in place.
 
     Document-aware batches (megatron/data/doc_masks.py) add `position_ids` [b, s] (positions restarting
     per document) and `cu_seqlens` int32 [n_docs + 1] + `max_seqlen` (attention within documents), all of
@@ -183,6 +184,7 @@ class GPTModel(nn.Module):
         checkpoint_num_layers: int = 1,
         partition_activations: bool = False,
         checkpoint_in_cpu: bool = False,
+        recompute_modules: tuple = (),
         torch_compile: bool = False,
         init_seed: int | None = None,
     ):
@@ -218,6 +220,15 @@ class GPTModel(nn.Module):
             self.output_layer = None  # logits through embedding.word_embeddings.weight
         else:
             self.output_layer = build_output_layer(model, derived, parallel, dtype, init_seed=seed)
+        if torch_compile and "mlp_act" in recompute_modules:
+            from megatron.neox_args.errors import ConfigError
+
+            raise ConfigError("recompute_modules: [mlp_act] with compiled layers (torch_compile true, or unset on "
+                              "CUDA): torch.compile already recomputes the MLP activation in backward; drop mlp_act, "
+                              "or set torch_compile: false.", key="recompute_modules")
+        for layer in self.layers:  # selective recomputation (TrainingArgs.recompute_modules)
+            layer.attention.recompute_core = "core_attn" in recompute_modules
+            layer.mlp.recompute_act = "mlp_act" in recompute_modules
         if torch_compile:
             for layer in self.layers:
                 layer.compile()  # in place: parameter names (checkpoint keys) are unchanged

@@ -371,6 +371,13 @@ class TrainingArgs:
     and copied back for the recomputation in backward. Saves num_layers/checkpoint_num_layers x s x b x h
     activations of device memory (e.g. 48 GiB for 1.3B at 512k tokens) for as much pinned host memory."""
 
+    recompute_modules: list = field(default_factory=list)
+    """Selective recomputation (Megatron-Core's key and names), for runs without checkpoint_activations: the
+    listed parts of every layer keep only their inputs and are recomputed in backward. `core_attn`: the
+    attention kernel (its output and softmax statistics, [s, b, h/t] per layer, recomputed from q, k, v);
+    `mlp_act`: the MLP activation (gelu/relu output, or swiglu's silu(gate) x up: 1 x or 2 x
+    [s, b, intermediate/t] per layer, recomputed from fc1's output). Exact (dropout masks replayed)."""
+
     torch_compile: Optional[bool] = None
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,
     off for CPU (printed at start; megatron/training/device_defaults.py)."""

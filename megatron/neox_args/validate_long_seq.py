@@ -12,6 +12,8 @@ from typing import Any, Mapping
 from megatron.neox_args.errors import ConfigError, where
 
 FA4_HEAD_DIMS = "a multiple of 8 from 8 to 256 (Hopper; Blackwell takes up to 128, or 256)"
+RECOMPUTE_MODULES = ("core_attn", "mlp_act")
+"""The parts of a layer `recompute_modules` may name."""
 INT32_TOKENS = 2**31
 """Variable-length kernels index the packed micro-batch with int32 cumulative lengths."""
 
@@ -59,6 +61,19 @@ def check_long_seq(args: Any, sources: Mapping[str, str]) -> None:
                                  f"{model.seq_length} = {micro * model.seq_length} tokens {{where}}: variable-length "
                                  f"kernels index a micro-batch with int32 offsets (< 2^31 tokens); lower the "
                                  f"micro-batch or seq_length.", "reset_attention_mask", "seq_length")
+    modules = training.recompute_modules
+    unknown = sorted(set(modules) - set(RECOMPUTE_MODULES))
+    if unknown:
+        raise _fail(sources, f"recompute_modules: {list(modules)} has unknown name(s) {unknown} {{where}}; choose "
+                             f"from {list(RECOMPUTE_MODULES)}.", "recompute_modules")
+    if modules and training.checkpoint_activations:
+        raise _fail(sources, f"recompute_modules: {list(modules)} with checkpoint_activations: true {{where}}: full "
+                             f"checkpointing recomputes every layer already; drop one of them.",
+                    "recompute_modules", "checkpoint_activations")
+    if "mlp_act" in modules and training.torch_compile:
+        raise _fail(sources, "recompute_modules: [mlp_act] with torch_compile: true {where}: compiled layers "
+                             "recompute the MLP activation already; drop mlp_act, or set torch_compile: false.",
+                    "recompute_modules", "torch_compile")
     if training.checkpoint_in_cpu and not training.checkpoint_activations:
         raise _fail(sources, "checkpoint_in_cpu: true keeps the checkpointed layer inputs in host memory, but "
                              "checkpoint_activations is false {where}; set checkpoint_activations: true, or "

@@ -26,7 +26,9 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                        gpt_j_residual) + 2 column-parallel inputs, /t under SP; sharded part
                        = (qkv width + rotated q, k width + attention output) / h / t
                        + MLP intermediates: 2 ffn/h/t (gelu/relu; 1 with torch_compile, which recomputes
-                       the activation) or 4 ffn/h/t (swiglu; 2 compiled), times min(1, mlp_chunk_size / s_l)
+                       the activation, or with recompute_modules mlp_act) or 4 ffn/h/t (swiglu; 2 compiled,
+                       3 with mlp_act), times
+                       min(1, mlp_chunk_size / s_l); recompute_modules core_attn drops the attention output
     checkpointing:     ceil(L / k) E_l a for the chunk inputs (on the host with checkpoint_in_cpu,
                        pinned and rounded), plus one chunk of k layers recomputed as above
     always:            3 E a around the layers (embedding output, final norm, gathered head input),
@@ -98,15 +100,20 @@ def _precision_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, compiled: bool) -> float:
-    """Elements (in units of E = s b h) autograd keeps for one layer's backward, with no checkpointing."""
+def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, compiled: bool,
+                              recompute_modules=()) -> float:
+    """Elements (in units of E = s b h) autograd keeps for one layer's backward, with no checkpointing;
+    `recompute_modules` drops the attention output (core_attn) or the MLP activation's output (mlp_act)."""
     h, heads, kv = model.hidden_size, model.num_attention_heads, derived.num_kv_heads
     head_dim = h // heads
     qkv = (heads + 2 * kv) * head_dim / h
     rotated = (heads + kv) * head_dim / h if model.pos_emb == "rotary" else 0.0
-    attention = (qkv + rotated + 1.0) / tp
+    attention = (qkv + rotated + (0.0 if "core_attn" in recompute_modules else 1.0)) / tp
     ffn = derived.intermediate_size / h
-    per_ffn = (2.0 if model.activation == "swiglu" else 1.0) * (1.0 if compiled else 2.0)
+    if model.activation == "swiglu":  # gate and up; silu(gate) and the product unless recomputed
+        per_ffn = 2.0 if compiled else 4.0 - (1.0 if "mlp_act" in recompute_modules else 0.0)
+    else:  # fc1's output; the activation's output unless recomputed
+        per_ffn = 1.0 if compiled or "mlp_act" in recompute_modules else 2.0
     mlp = per_ffn * ffn / tp
     if model.mlp_chunk_size is not None:
         s_local = model.seq_length / (tp if sequence_parallel else 1)
@@ -159,7 +166,7 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
     e = micro * model.seq_length * model.hidden_size * a  # bytes of one [s, b, h] activation
     e_local = e / tp if sp else e
     compiled = training.torch_compile if training.torch_compile is not None else device_type == "cuda"
-    per_layer = layer_activation_elements(model, derived, tp, sp, compiled) * e
+    per_layer = layer_activation_elements(model, derived, tp, sp, compiled, training.recompute_modules) * e
     layers = model.num_layers
     if training.checkpoint_activations:
         k = training.checkpoint_num_layers

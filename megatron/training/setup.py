@@ -50,6 +50,7 @@ def build_model(args, parallel, device_type: str):
                      checkpoint_num_layers=args.training.checkpoint_num_layers,
                      partition_activations=args.training.partition_activations,
                      checkpoint_in_cpu=args.training.checkpoint_in_cpu,
+                     recompute_modules=tuple(args.training.recompute_modules),
                      torch_compile=choices.torch_compile, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:

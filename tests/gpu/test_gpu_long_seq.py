@@ -118,7 +118,7 @@ def _tiny_model(**overrides):
 
     fields = dict(num_layers=4, hidden_size=512, num_attention_heads=4, seq_length=4096, rotary_pct=0.25,
                   gpt_j_residual=True, no_weight_tying=True)
-    kwargs = {k: overrides.pop(k) for k in list(overrides) if k.startswith("checkpoint")}
+    kwargs = {k: overrides.pop(k) for k in list(overrides) if k.startswith("checkpoint") or k == "torch_compile"}
     fields.update(overrides)
     model = ModelArgs(**fields)
     derived = DerivedArgs(num_kv_heads=4, intermediate_size=2048, max_position_embeddings=4096, vocab_size=512,
@@ -151,8 +151,8 @@ def test_offloaded_checkpoint_on_cuda_is_bitwise_and_frees_device_memory():
     assert mem_a - mem_b >= 3 * layer_input  # the 4 inputs (the last one still referenced by the head)
 
 
-@pytest.mark.parametrize("docs", [False, True])
-def test_model_with_fa4_matches_sdpa(docs):
+@pytest.mark.parametrize("docs, compiled", [(False, False), (True, False), (False, True), (True, True)])
+def test_model_with_fa4_matches_sdpa(docs, compiled):
     _need_fa4()
     from megatron.data.doc_masks import DocumentMasking, document_fields
 
@@ -167,7 +167,7 @@ def test_model_with_fa4_matches_sdpa(docs):
     tokens = tokens.cuda()
     out = {}
     for impl in ("sdpa", "fa4"):
-        model = _tiny_model(attention_impl=impl)
+        model = _tiny_model(attention_impl=impl, torch_compile=compiled)
         loss = model(tokens, tokens, **extra)
         loss.backward()
         out[impl] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))

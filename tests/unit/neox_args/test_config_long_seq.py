@@ -66,3 +66,14 @@ def test_fa4_on_a_machine_without_cuda_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="CUDA GPUs only"):
         attention_support.check_attention_support(ModelArgs(attention_impl="fa4"), device_type="cpu")
     attention_support.check_attention_support(ModelArgs(attention_impl="fa4"), device_type="cuda")
+
+
+def test_recompute_modules_names_and_exclusivity():
+    args = NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["core_attn", "mlp_act"]})
+    assert args.training.recompute_modules == ["core_attn", "mlp_act"]
+    with pytest.raises(ConfigError, match=r"unknown name\(s\) \['mlp'\]"):
+        NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["mlp"]})
+    with pytest.raises(ConfigError, match="full checkpointing recomputes every layer already"):
+        NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["core_attn"], "checkpoint_activations": True})
+    with pytest.raises(ConfigError, match="compiled layers recompute the MLP activation already"):
+        NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["mlp_act"], "torch_compile": True})
