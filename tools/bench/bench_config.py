@@ -141,4 +141,15 @@ def describe_ours(args, device: str) -> str:
         notes.append(choices.sdpa_backend or args.model.attention_impl)
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
+    offload = args.parallel.zero_optimization.get("offload_optimizer") or {}
+    if offload.get("device") == "cpu":
+        notes.append("optimizer on cpu" + (" (pinned)" if offload.get("pin_memory") else ""))
+    if args.model.mlp_chunk_size:
+        notes.append(f"mlp chunks {args.model.mlp_chunk_size}")
+    if args.training.checkpoint_in_cpu:
+        notes.append("ckpt inputs on host")
+    if args.training.recompute_modules:
+        notes.append("recompute " + "+".join(args.training.recompute_modules))
+    if args.data.reset_attention_mask:
+        notes.append("documents")
     return ", ".join(notes)

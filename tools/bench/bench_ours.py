@@ -60,8 +60,14 @@ def run_ours(spec: dict, args) -> dict:
     model, sum_sp_grads_per_step = build_model(args, parallel, device_type)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(args, model, device_type, parallel)
+    from megatron.data.doc_masks import DocumentMasking
+    from megatron.tokenizer import build_tokenizer
+
+    masking = DocumentMasking(build_tokenizer(args.tokenizer).eod, args.data.reset_attention_mask,
+                              args.data.reset_position_ids, args.data.eod_mask_loss)
     iterators = build_train_valid_test_data_iterators(args.data, args.training, args.derived,
-                                                      args.model.seq_length, parallel, seed=args.training.seed)
+                                                      args.model.seq_length, parallel, seed=args.training.seed,
+                                                      masking=masking)
     meter = ThroughputMeter.for_run(args, device_type)
     trainer = Trainer(args, engine, model, parallel, iterators, NullLogger(), meter, TrainProgress(),
                       sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step)

@@ -17,7 +17,7 @@ setup() {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
 }
 B="python3 tools/bench/bench_throughput.py --baselines= --micro-batch 1 --timing events"
-FAST="--set torch_compile=true --set eval_iters=0"
+FAST="--set torch_compile=true"
 stage=${1:-help}
 case "$stage" in
   tests)   # ~3 min (FA4 compiles its kernels on first use): numerics of FA4 / varlen / offload
@@ -26,14 +26,14 @@ case "$stage" in
     setup; python3 tools/bench/bench_attention.py --head-dims 64,128 --seqs 2048,8192,32768,131072 \
       --kernels fa4,cudnn,varlen --tokens 131072 --warmup 2 --iters 5 --out "$OUT/attention.json" ;;
   1.3b-128k)   # ~5 min: 1.3B at 131072, FA4 vs cuDNN SDPA (one command, variants side by side)
-    setup; $B --sizes 1.3B --seq 131072 --steps 3 --warmup 2 $FAST --set gradient_accumulation_steps=1 \
+    setup; $B --sizes 1.3B --seq 131072 --steps 2 --warmup 1 $FAST --timeout 280 \
       --variant "fa4: attention_impl=fa4" --variant "cudnn: sdpa_backend=cudnn" \
       --out "$OUT/1-3B-128k.json" --markdown ;;
   6.9b-128k)   # ~5 min: 6.9B at 131072 on one GPU, ZeRO-2 + CPU Adam (first use JIT-builds cpu_adam: +1-2 min)
     setup; $B --sizes 6.9B --seq 131072 --steps 1 --warmup 1 $FAST --set model_parallel_size=1 \
       --set 'zero_optimization={stage: 2, offload_optimizer: {device: cpu, pin_memory: false}, overlap_comm: true, contiguous_gradients: true}' \
       --set 'data_types={}' --set communication_data_type=null --set attention_impl=fa4 --set mlp_chunk_size=32768 \
-      --out "$OUT/6-9B-128k.json" --markdown ;;
+      --out "$OUT/6-9B-128k.json" --markdown --timeout 560 ;;
   1.3b-512k)   # ~8 min (one step is ~3.5 min at 512k): 1.3B at 524288, FA4, MLP in 64k chunks
     setup; $B --sizes 1.3B --seq 524288 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 \
       --set mlp_chunk_size=65536 --out "$OUT/1-3B-512k.json" --markdown --timeout 590 ;;
