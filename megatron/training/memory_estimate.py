@@ -228,7 +228,8 @@ def check_run_memory(args, device_type: str) -> MemoryEstimate:
         import torch
 
         device_free = float(torch.cuda.mem_get_info()[0])
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # ranks sharing this host: DeepSpeed's launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE
+    ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
     check_memory(args, est, device_free, _host_available_bytes(), ranks)
     return est
 
