@@ -110,3 +110,18 @@ def test_static_estimate_matches_measured_cpu_memory():
     n = sum(p.numel() for p in model.parameters())
     assert n == total_params(args.model, args.derived)
     assert grown == pytest.approx(static, rel=0.15), (grown / 2**20, static / 2**20)
+
+
+def test_run_check_reads_the_host_and_can_be_turned_off(monkeypatch):
+    from megatron.training import memory_estimate
+
+    args = _args("tiny.yml", vocab=257)
+    need = estimate_memory(args, "cpu").host_bytes
+    monkeypatch.setattr(memory_estimate, "_host_available_bytes", lambda: 1.5 * need)
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    memory_estimate.check_run_memory(args, "cpu")  # one rank fits
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 rank\(s\)"):
+        memory_estimate.check_run_memory(args, "cpu")
+    args.training.memory_check = False
+    memory_estimate.check_run_memory(args, "cpu")
