@@ -90,5 +90,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 def offloaded_checkpoint(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """fn(x) with x kept on the host and fn recomputed in backward (see the module docstring).
-    `fn` maps one tensor to one tensor of any shape; x must require grad (a layer input does)."""
+    `fn` maps one tensor to one tensor of any shape; x must require grad (a layer input does): a reentrant
+    checkpoint whose input needs no gradient would never run its backward, and fn's parameters would get none."""
+    if not x.requires_grad:
+        raise ValueError("checkpoint_in_cpu: the checkpointed input does not require grad (frozen embedding?); "
+                         "its layers' parameters would get no gradient. Set checkpoint_in_cpu: false.")
     return _OffloadedCheckpoint.apply(fn, x)
