@@ -44,7 +44,7 @@ def check_attention_support(model, device_type: str | None = None) -> None:
         raise ConfigError(
             f"attention_impl: {impl} runs on CUDA GPUs only, and this run has none; set attention_impl: sdpa "
             f"(which has a CPU path for documents and sliding windows).", key="attention_impl")
-    if impl == "sdpa" and model.sliding_window_width is not None and device_type == "cuda" \
+    if impl in (None, "sdpa") and model.sliding_window_width is not None and device_type == "cuda" \
             and not torch_varlen_has_window():
         import torch
 

@@ -116,8 +116,10 @@ class ModelArgs:
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times model_parallel_size (for speed and even TP shards)."""
 
-    attention_impl: Literal["sdpa", "flash", "fa4"] = "sdpa"
-    """Attention kernel: `sdpa`, torch scaled_dot_product_attention (picks flash/cuDNN/efficient itself; with
+    attention_impl: Optional[Literal["sdpa", "flash", "fa4"]] = None
+    """Attention kernel. null (the default) chooses for the device at start: `fa4` on Hopper where it was
+    measured faster than cuDNN (head size 64 or 128, seq_length >= 8192, bf16/fp16, no attention dropout,
+    flash_attn.cute installed; megatron/training/device_defaults.py), else `sdpa`. `sdpa`, torch scaled_dot_product_attention (picks flash/cuDNN/efficient itself; with
     document masking or a sliding window, torch's varlen_attn on CUDA and per-document SDPA on CPU); `flash`,
     the flash-attn 2 package; `fa4`, FlashAttention-4 (`flash_attn.cute`, pip package flash-attn-4; CUDA,
     Hopper or Blackwell, bf16/fp16, head size a multiple of 8 up to 256 (128 on Blackwell), no attention

@@ -49,7 +49,7 @@ def check_long_seq(args: Any, sources: Mapping[str, str]) -> None:
             raise _fail(sources, f"attention_impl: fa4 has no attention dropout, but attention_dropout is "
                                  f"{model.attention_dropout} {{where}}; set attention_dropout: 0.0, or "
                                  f"attention_impl: sdpa or flash.", "attention_impl", "attention_dropout")
-    if impl == "sdpa" and model.attention_dropout > 0 and (window is not None or data.reset_attention_mask):
+    if impl in (None, "sdpa") and model.attention_dropout > 0 and (window is not None or data.reset_attention_mask):
         keys = ["attention_dropout", "reset_attention_mask" if data.reset_attention_mask else "sliding_window_width"]
         raise _fail(sources, f"attention_dropout: {model.attention_dropout} with {keys[1]} and attention_impl: "
                              f"sdpa {{where}}: torch's variable-length attention has no dropout; set "

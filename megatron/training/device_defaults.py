@@ -7,6 +7,7 @@ and prints the choice with the key that overrides it. A value the user wrote is 
 | key | CUDA | CPU |
 |---|---|---|
 | `torch_compile` null | on: each transformer layer compiled (410M on one H200: 139k -> 178k tokens/s together with cuDNN attention, docs/PERFORMANCE.md) | off: compiling costs more than it gains for the tiny CPU models |
+| `attention_impl` null | `fa4` (FlashAttention-4) on Hopper for bf16/fp16 causal attention without dropout at head size 64 or 128 and seq_length >= 8192, when `flash_attn.cute` imports (measured faster than cuDNN there: 8k-128k, issue 16); otherwise `sdpa` | `sdpa` |
 | `sdpa_backend` null | `cudnn` on Hopper (compute capability 9.x) for bf16/fp16 causal attention without dropout (the fastest SDPA kernel measured there at head dims 64 and 128); elsewhere torch's own choice | torch's own choice |
 
 The resolved values never enter the config sections (those hold what the user wrote); the model is built
@@ -27,14 +28,33 @@ class DeviceChoices:
     torch_compile: bool
     sdpa_backend: Optional[str]
     reasons: list[str] = field(default_factory=list)
+    attention_impl: str = "sdpa"
+
+
+FA4_MEASURED_FASTER = {64: 8192, 128: 8192}
+"""Head size -> shortest sequence at which FlashAttention-4 was measured faster than cuDNN SDPA on an H200
+(causal fwd+bwd bf16, issue 16: hd 64 8k 2.17 vs 2.50 ms, 32k 14.6 vs 17.9; hd 128 8k 6.49 vs 7.11, 64k 99.9
+vs 109.8, 128k 390 vs 453; at 2k, hd 64, cuDNN was faster: 0.98 vs 1.12). Other head sizes: not measured."""
+
+
+def _resolve_attention_impl(model, cuda: bool, precision: str, capability, fa4_available) -> tuple[str, str]:
+    """(impl, reason) for an unset attention_impl; reason is "" when nothing was chosen beyond sdpa."""
+    head_dim = model.hidden_size // model.num_attention_heads
+    threshold = FA4_MEASURED_FASTER.get(head_dim)
+    if (cuda and capability[0] == 9 and precision in ("bf16", "fp16") and model.attention_dropout == 0.0
+            and threshold is not None and model.seq_length >= threshold and fa4_available()):
+        return "fa4", (f"attention_impl: fa4 (unset; FlashAttention-4 measured faster than cuDNN on Hopper at head "
+                       f"size {head_dim} from {threshold} tokens; set attention_impl: sdpa to choose torch's)")
+    return "sdpa", ""
 
 
 def resolve_device_defaults(model, training, device_type: str, precision: str,
-                            capability: Optional[tuple[int, int]] = None) -> DeviceChoices:
+                            capability: Optional[tuple[int, int]] = None, fa4_available=None) -> DeviceChoices:
     """Resolve the unset `training.torch_compile` and `model.sdpa_backend` for `device_type` ("cuda"/"cpu")
     and the run's `precision` ("fp32", "bf16", "fp16": cuDNN attention takes half precision only).
 
     `capability` is the CUDA compute capability (major, minor); None asks torch (CUDA only).
+    `fa4_available()` says whether flash_attn.cute imports (default: try it).
     """
     reasons: list[str] = []
     cuda = device_type == "cuda"
@@ -44,19 +64,31 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
         reasons.append(f"torch_compile: {'true' if cuda else 'false'} (unset; "
                        + ("compiled layers are faster on CUDA" if cuda else "compiling does not pay on CPU")
                        + "; set torch_compile to choose)")
-    backend = model.sdpa_backend
-    if backend is None and cuda and model.attention_impl == "sdpa" and precision in ("bf16", "fp16"):
-        if capability is None:
-            import torch
+    if cuda and capability is None:
+        import torch
 
-            capability = torch.cuda.get_device_capability()
+        capability = torch.cuda.get_device_capability()
+    impl = model.attention_impl
+    if impl is None:
+        if fa4_available is None:
+            from megatron.model.attention_kernels import import_fa4
+
+            def fa4_available():
+                return import_fa4() is not None
+        impl, reason = _resolve_attention_impl(model, cuda, precision, capability, fa4_available)
+        if reason:
+            reasons.append(reason)
+    backend = model.sdpa_backend
+    if backend is None and cuda and impl == "sdpa" and precision in ("bf16", "fp16"):
         if capability[0] == 9 and model.attention_dropout == 0.0:
             backend = "cudnn"
             reasons.append("sdpa_backend: cudnn (unset; the fastest causal SDPA kernel measured on Hopper; "
                            "set sdpa_backend: flash|efficient|math to choose another)")
-    return DeviceChoices(torch_compile=bool(compile_layers), sdpa_backend=backend, reasons=reasons)
+    return DeviceChoices(torch_compile=bool(compile_layers), sdpa_backend=backend, reasons=reasons,
+                         attention_impl=impl)
 
 
 def model_args_with(model, choices: DeviceChoices):
-    """A copy of ModelArgs `model` carrying the resolved attention backend (the original is not changed)."""
-    return dataclasses.replace(model, sdpa_backend=choices.sdpa_backend)
+    """A copy of ModelArgs `model` carrying the resolved attention kernel and backend (the original is not
+    changed)."""
+    return dataclasses.replace(model, sdpa_backend=choices.sdpa_backend, attention_impl=choices.attention_impl)

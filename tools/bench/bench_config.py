@@ -137,8 +137,8 @@ def describe_ours(args, device: str) -> str:
     choices = resolve_device_defaults(args.model, args.training, device, args.derived.precision)
     if choices.torch_compile:
         notes.append("compile")
-    if args.model.attention_impl != "sdpa" or choices.sdpa_backend:
-        notes.append(choices.sdpa_backend or args.model.attention_impl)
+    if choices.attention_impl != "sdpa" or choices.sdpa_backend:
+        notes.append(choices.sdpa_backend or choices.attention_impl)
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
     offload = args.parallel.zero_optimization.get("offload_optimizer") or {}

@@ -42,3 +42,30 @@ def test_values_the_user_wrote_are_kept():
     args = _args(torch_compile=False, sdpa_backend="flash")
     choices = resolve_device_defaults(args.model, args.training, "cuda", "bf16", capability=HOPPER)
     assert choices.torch_compile is False and choices.sdpa_backend == "flash" and choices.reasons == []
+
+
+def test_unset_attention_impl_picks_fa4_only_where_it_was_measured_faster():
+    yes, no = (lambda: True), (lambda: False)
+    long = _args(hidden_size=2048, num_attention_heads=16, seq_length=131072)  # head size 128
+    choices = resolve_device_defaults(long.model, long.training, "cuda", "bf16", capability=HOPPER, fa4_available=yes)
+    assert choices.attention_impl == "fa4" and choices.sdpa_backend is None
+    assert any("attention_impl: fa4" in r for r in choices.reasons)
+    assert model_args_with(long.model, choices).attention_impl == "fa4" and long.model.attention_impl is None
+    # not installed, too short, unmeasured head size, Ampere, fp32, dropout: sdpa (cuDNN on Hopper half precision)
+    for model_keys, capability, precision, available in [
+            (dict(hidden_size=2048, num_attention_heads=16, seq_length=131072), HOPPER, "bf16", no),
+            (dict(hidden_size=2048, num_attention_heads=16, seq_length=4096), HOPPER, "bf16", yes),
+            (dict(hidden_size=2560, num_attention_heads=32, seq_length=131072), HOPPER, "bf16", yes),
+            (dict(hidden_size=2048, num_attention_heads=16, seq_length=131072), AMPERE, "bf16", yes),
+            (dict(hidden_size=2048, num_attention_heads=16, seq_length=131072), HOPPER, "fp32", yes),
+            (dict(hidden_size=2048, num_attention_heads=16, seq_length=131072, attention_dropout=0.1), HOPPER,
+             "bf16", yes)]:
+        args = _args(**model_keys)
+        choices = resolve_device_defaults(args.model, args.training, "cuda", precision, capability=capability,
+                                          fa4_available=available)
+        assert choices.attention_impl == "sdpa", model_keys
+    written = _args(attention_impl="sdpa", hidden_size=2048, num_attention_heads=16, seq_length=131072)
+    assert resolve_device_defaults(written.model, written.training, "cuda", "bf16", capability=HOPPER,
+                                   fa4_available=yes).attention_impl == "sdpa"
+    cpu = resolve_device_defaults(long.model, long.training, "cpu", "fp32", fa4_available=yes)
+    assert cpu.attention_impl == "sdpa"
