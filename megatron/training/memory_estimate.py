@@ -38,7 +38,8 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
 
 Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
 67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB) in tests/unit/training/test_memory_estimate.py,
-and against the measured CPU memory of a small fp32 model there.
+and against the measured CPU memory of a small fp32 model there (static terms: 205 vs 195 MiB; one layer's saved
+activations: within 2% of `layer_activation_elements` for four layer shapes).
 """
 
 from __future__ import annotations
