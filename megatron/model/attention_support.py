@@ -36,6 +36,13 @@ def check_attention_support(model, device_type: str | None = None) -> None:
             "attention_impl: flash needs the flash-attn package (`from flash_attn import flash_attn_func`), "
             "which is not installed: pip install flash-attn, or set attention_impl: sdpa (or fa4).",
             key="attention_impl")
+    if impl == "flash" and model.sliding_window_width is not None:
+        version = getattr(import_flash_attn(), "__version__", "0")
+        if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 3):
+            raise ConfigError(
+                f"sliding_window_width: {model.sliding_window_width} with attention_impl: flash needs flash-attn >= "
+                f"2.3 (window_size), this is {version}: pip install -U flash-attn, or set attention_impl: fa4.",
+                key="sliding_window_width")
     if device_type is None:
         import torch
 

@@ -77,3 +77,16 @@ def test_recompute_modules_names_and_exclusivity():
         NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["core_attn"], "checkpoint_activations": True})
     with pytest.raises(ConfigError, match="compiled layers recompute the MLP activation already"):
         NeoXArgs.from_dict({**MINIMAL, "recompute_modules": ["mlp_act"], "torch_compile": True})
+
+
+def test_a_window_with_an_old_flash_attn_is_a_config_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron.model import attention_support
+    from megatron.neox_args.sections import ModelArgs
+
+    monkeypatch.setattr(attention_support, "import_flash_attn", lambda: SimpleNamespace(__version__="2.2.1"))
+    with pytest.raises(ConfigError, match="flash-attn >= 2.3"):
+        attention_support.check_attention_support(ModelArgs(attention_impl="flash", sliding_window_width=64), "cuda")
+    monkeypatch.setattr(attention_support, "import_flash_attn", lambda: SimpleNamespace(__version__="2.7.4.post1"))
+    attention_support.check_attention_support(ModelArgs(attention_impl="flash", sliding_window_width=64), "cuda")
