@@ -34,7 +34,8 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
     always:            3 E a around the layers (embedding output, final norm, gathered head input),
                        2 E a of gradients in flight, the fused cross entropy's two
                        [chunk, V/t] fp32 blocks
-  host baseline      4 GiB per rank (CUDA context, torch, data-loader workers): an allowance, not a count
+  host baseline      4 GiB per rank on GPUs (CUDA context, torch, data-loader workers), 0.5 GiB on CPU:
+                     an allowance, not a count
 
 Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
 67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB) in tests/unit/training/test_memory_estimate.py,
@@ -53,8 +54,8 @@ from megatron.neox_args.errors import ConfigError
 from megatron.training.metrics import count_non_embedding_params
 
 GIB = 2**30
-HOST_BASELINE_BYTES = 4 * GIB
-"""Allowance per rank for the CUDA context, torch's libraries and the data-loader workers."""
+HOST_BASELINE_BYTES = {"cuda": 4 * GIB, "cpu": GIB // 2}
+"""Allowance per rank for torch's libraries and the data-loader workers (and the CUDA context on GPUs)."""
 
 
 def pinned_size(nbytes: float) -> float:
@@ -183,7 +184,7 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
         else micro * model.seq_length
     dev["head and loss"] = 3 * e + 2 * 4 * chunk * derived.padded_vocab_size / tp
     dev["gradients in flight"] = 2 * e
-    host["baseline allowance"] = HOST_BASELINE_BYTES
+    host["baseline allowance"] = HOST_BASELINE_BYTES.get(device_type, HOST_BASELINE_BYTES["cuda"])
     return est
 
 
