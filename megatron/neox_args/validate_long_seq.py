@@ -74,6 +74,16 @@ def check_long_seq(args: Any, sources: Mapping[str, str]) -> None:
         raise _fail(sources, "recompute_modules: [mlp_act] with torch_compile: true {where}: compiled layers "
                              "recompute the MLP activation already; drop mlp_act, or set torch_compile: false.",
                     "recompute_modules", "torch_compile")
+    if args.parallel.pipe_parallel_size > 1:
+        for key, on in (("reset_attention_mask", data.reset_attention_mask),
+                        ("reset_position_ids", data.reset_position_ids),
+                        ("checkpoint_in_cpu", training.checkpoint_in_cpu),
+                        ("recompute_modules", bool(modules))):
+            if on:
+                raise _fail(sources, f"{key} with pipe_parallel_size: {args.parallel.pipe_parallel_size} {{where}}: "
+                                     f"the pipeline stages do not carry it yet (document fields / offloaded or "
+                                     f"selective recomputation are wired for the plain engine only); set "
+                                     f"pipe_parallel_size: 1, or drop {key}.", key, "pipe_parallel_size")
     if training.checkpoint_in_cpu and not training.checkpoint_activations:
         raise _fail(sources, "checkpoint_in_cpu: true keeps the checkpointed layer inputs in host memory, but "
                              "checkpoint_activations is false {where}; set checkpoint_activations: true, or "

@@ -20,6 +20,10 @@ BAD = [
     ({"sliding_window_width": 0}, ["sliding_window_width: 0", "positive"]),
     ({"mlp_chunk_size": 0}, ["mlp_chunk_size: 0", "positive"]),
     ({"checkpoint_in_cpu": True}, ["checkpoint_in_cpu: true", "checkpoint_activations: true"]),
+    ({"reset_attention_mask": True, "pipe_parallel_size": 2}, ["reset_attention_mask with pipe_parallel_size: 2",
+                                                               "pipe_parallel_size: 1"]),
+    ({"checkpoint_activations": True, "checkpoint_in_cpu": True, "pipe_parallel_size": 2},
+     ["checkpoint_in_cpu with pipe_parallel_size: 2"]),
     ({"reset_attention_mask": True, "seq_length": 2**30, "train_micro_batch_size_per_gpu": 2},
      ["int32", "2147483648 tokens"]),
 ]
