@@ -26,7 +26,7 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                        gpt_j_residual) + 2 column-parallel inputs, /t under SP; sharded part
                        = (qkv width + rotated q, k width + attention output) / h / t
                        + MLP intermediates: 2 ffn/h/t (gelu/relu; 1 with torch_compile, which recomputes
-                       the activation, or with recompute_modules mlp_act) or 4 ffn/h/t (swiglu; 2 compiled,
+                       the activation, or with recompute_modules mlp_act) or 4 ffn/h/t (gated, e.g. swiglu; 2 compiled,
                        3 with mlp_act), times
                        min(1, mlp_chunk_size / s_l); recompute_modules core_attn drops the attention output
     checkpointing:     ceil(L / k) E_l a for the chunk inputs (on the host with checkpoint_in_cpu,
@@ -109,10 +109,15 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     h, heads, kv = model.hidden_size, model.num_attention_heads, derived.num_kv_heads
     head_dim = h // heads
     qkv = (heads + 2 * kv) * head_dim / h
-    rotated = (heads + kv) * head_dim / h if model.pos_emb == "rotary" else 0.0
+    if model.pos_emb == "rotary":  # new q and k tensors (rotary's cat)
+        rotated = (heads + kv) * head_dim / h
+    else:  # q is a view of the fused qkv buffer with one query head per group, else a copy
+        rotated = 0.0 if heads == kv else 1.0
     attention = (qkv + rotated + (0.0 if "core_attn" in recompute_modules else 1.0)) / tp
     ffn = derived.intermediate_size / h
-    if model.activation == "swiglu":  # gate and up; silu(gate) and the product unless recomputed
+    from megatron.neox_args.derive import GATED_ACTIVATIONS
+
+    if model.activation in GATED_ACTIVATIONS:  # gate and up; act(gate) and the product unless recomputed
         per_ffn = 2.0 if compiled else 4.0 - (1.0 if "mlp_act" in recompute_modules else 0.0)
     else:  # fc1's output; the activation's output unless recomputed
         per_ffn = 1.0 if compiled or "mlp_act" in recompute_modules else 2.0

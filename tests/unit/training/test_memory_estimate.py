@@ -10,7 +10,7 @@ import torch
 from megatron.neox_args import ConfigError, NeoXArgs
 from megatron.training.memory_estimate import GIB, check_memory, estimate_memory, pinned_size, total_params
 
-SETUP = {"data_path": "data/bundled/pystdlib_text_document"}
+SETUP = {"data_path": "data/bundled/pystdlib_text_document", "tokenizer_type": "ByteLevelTokenizer"}
 
 
 def _args(size_file, vocab=50277, **overrides):
