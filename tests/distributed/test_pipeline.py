@@ -3,12 +3,14 @@
 Each variant of `pipeline_checks.VARIANTS` (PP=4 with the parallel residual; PP=2 x TP=2 with Llama
 blocks, the unfused vocab-parallel cross entropy and `parameters` partitioning; PP=2 x TP=2 with sequence
 parallelism, learned positions and tied embeddings; PP=2 x DP=2 with ZeRO-1, tied embeddings, activation
-checkpointing and `uniform` partitioning; PP=2 x DP=2 in bf16 with BF16_Optimizer) starts from the PP=1
-model's initial weights and trains 4 steps (gloo, clipping at 1.0 active: the norms are above 1) on the
+checkpointing and `uniform` partitioning; PP=2 x DP=2 in bf16 with BF16_Optimizer) is built from the seed
+as train.py builds it (so from the PP=1 model's initial weights: the init is layout-independent) and
+trains 4 steps (gloo, clipping at 1.0 active: the norms are above 1) on the
 same global batches as its PP=1 reference (same settings at PP=1, TP=1). Tolerance in fp32:
 |loss - loss_PP1| <= 2e-5 and a relative grad-norm difference <= 2e-5 at every step (sums in another
-order; measured below 1e-6 in loss, 3e-7 relative in norm); bf16: see BF16_*_TOLERANCE. Every rank reports the same numbers (the loss is broadcast from the last stage), and with
-tied embeddings the two copies are bit-identical after every step (checked inside the run).
+order; measured below 1e-6 in loss, 3e-7 relative in norm); bf16: see BF16_*_TOLERANCE. Every rank
+reports the same numbers (the loss is broadcast from the last stage), and with tied embeddings the two
+copies are bit-identical after every step (checked inside the run).
 """
 
 import math
@@ -70,7 +72,8 @@ def test_pipeline_checkpoints_resume_finetune_reshard_and_convert(tmp_path):
             assert math.isclose(norm, pp2_norm, rel_tol=NORM_TOLERANCE), (name, norm, pp2_norm)
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("to_hf", os.path.join(root, "tools", "ckpts", "convert_neox_to_hf.py"))
+    spec = importlib.util.spec_from_file_location("to_hf",
+                                                  os.path.join(root, "tools", "ckpts", "convert_neox_to_hf.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     tool.convert(save, hf_dir)
