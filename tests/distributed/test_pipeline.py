@@ -36,7 +36,8 @@ def test_pipeline_equals_pp1_loss_and_grad_norm_at_every_step():
     for name in NAMES:
         ref, pipe = reference[name], per_rank[0][name]
         assert len(ref) == len(pipe) == pipeline_checks.STEPS
-        assert ref[0][1] > 1.0, f"{name}: clipping at 1.0 should be active"
+        clipped = pipeline_checks.VARIANTS[name][0].get("gradient_clipping", pipeline_checks.BASE["gradient_clipping"])
+        assert not clipped or ref[0][1] > clipped, f"{name}: clipping should be active"
         loss_tol, norm_tol = ((BF16_LOSS_TOLERANCE, BF16_NORM_TOLERANCE) if name in pipeline_checks.BF16_VARIANTS
                               else (LOSS_TOLERANCE, NORM_TOLERANCE))
         for step, ((ref_loss, ref_norm), (loss, norm)) in enumerate(zip(ref, pipe), start=1):
@@ -47,8 +48,9 @@ def test_pipeline_equals_pp1_loss_and_grad_norm_at_every_step():
 
 def test_pipeline_checkpoints_resume_finetune_reshard_and_convert(tmp_path):
     """PP=2 x TP=2: keep-last-2 leaves steps 3 and 4; a resume from step 3 gives step 4's loss bit for bit;
-    finetuning from step 4 at PP=2 x TP=2, at PP=1 x TP=2 (weights read across pipeline sizes) and at
-    PP=1 x TP=1 after tools/ckpts/reshard.py gives the same losses (2e-5); the checkpoint converted to
+    finetuning from step 4 at PP=2 x TP=2, at PP=1 x TP=2 (weights read across pipeline sizes), at PP=2 x TP=2
+    from tools/ckpts/reshard.py's weights-only copy and at PP=1 x TP=1 after reshard.py gives the same losses
+    (2e-5); the checkpoint converted to
     Hugging Face gives the PP=1 run's logits (1e-5)."""
     import importlib.util
     import os
@@ -65,7 +67,7 @@ def test_pipeline_checkpoints_resume_finetune_reshard_and_convert(tmp_path):
     for loss, ref_loss in zip(pipe["losses"], ref["losses"]):
         assert abs(loss - ref_loss) <= LOSS_TOLERANCE
     assert pipe["resumed_iteration"] == 3 and pipe["resumed_loss"] == pipe["losses"][3]
-    for name in ("finetune_pp1_tp2", "finetune_resharded"):
+    for name in ("finetune_pp1_tp2", "finetune_pp2_weights_only", "finetune_resharded"):
         for (loss, norm), (pp2_loss, pp2_norm) in zip(pipe[name] if name in pipe else ref[name],
                                                       pipe["finetune_pp2"]):
             assert abs(loss - pp2_loss) <= LOSS_TOLERANCE, (name, loss, pp2_loss)
