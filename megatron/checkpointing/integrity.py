@@ -67,10 +67,13 @@ def checksums(tag_dir: str) -> dict:
     names = from_rank0(_files(tag_dir))
     rank, world = rank_and_world()
     mine = names[rank::world]
+    # sizes with the digests, before the gather: once rank 0 has every part it may rename the directory
+    entries = {rel: {"size": os.path.getsize(os.path.join(tag_dir, rel)), "sha256": digest}
+               for rel, digest in zip(mine, _digests(tag_dir, mine))}
     table = {}
-    for part in gather_objects(dict(zip(mine, _digests(tag_dir, mine)))):
+    for part in gather_objects(entries):
         table.update(part)
-    return {rel: {"size": os.path.getsize(os.path.join(tag_dir, rel)), "sha256": table[rel]} for rel in names}
+    return {rel: table[rel] for rel in names}
 
 
 def write_complete_marker(tag_dir: str, iteration: int, files: dict | None = None) -> None:

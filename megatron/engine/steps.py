@@ -134,7 +134,7 @@ class PipelineStep:
         self._measure_fp32_norm_before_step(engine)
         self._measure = measure_grad_norm
         engine.train_batch(self._batches(iterator))
-        return engine.dp_group_loss.detach().float(), 1
+        return engine.dp_group_loss.detach().float().reshape(()), 1
 
     @torch.no_grad()
     def eval(self, engine, iterator):

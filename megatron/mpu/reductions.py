@@ -6,11 +6,11 @@
 
   each parameter counted once: tensor-parallel shards (`tensor_model_parallel`) on every tensor rank,
   replicated parameters on tensor rank 0 only; a parameter that lives on two pipeline stages (the tied
-  embedding) once: DeepSpeed's PipelineModule marks the copies that must not count `ds_pipe_replicated`. Gradients are
-  already averaged over data parallel when it is called, so the data-parallel group takes no part.
+  embedding) once: DeepSpeed's PipelineModule marks the copies that must not count `ds_pipe_replicated`.
+  Gradients are already averaged over data parallel when it is called, so that group takes no part.
 - `data_parallel_mean(value, parallel)`: a device scalar averaged over the data-parallel group, as a float.
-- `last_stage_value(value, parallel)`: a device scalar that exists on the last pipeline stage (the loss),
-  broadcast over the pipeline group so that every rank logs the same number.
+(The loss of a pipeline step exists on the last stage only: DeepSpeed's PipelineEngine averages it over
+data parallel and broadcasts it over the pipeline group itself, megatron/engine/steps.py.)
 """
 
 from __future__ import annotations
@@ -52,14 +52,3 @@ def data_parallel_mean(value: torch.Tensor, parallel) -> float:
         dist.all_reduce(value, group=parallel.dp_group)
         value /= parallel.dp_size
     return float(value)
-
-
-def last_stage_value(value: torch.Tensor | None, parallel, device: torch.device) -> torch.Tensor:
-    """The last pipeline stage's device scalar on every stage (other stages pass None or anything)."""
-    if not _active(parallel.pp_group, parallel.pp_size):
-        return value
-    last = parallel.pp_ranks[-1]
-    buffer = (value.detach().clone().float() if parallel.rank == last
-              else torch.zeros((), dtype=torch.float32, device=device))
-    dist.broadcast(buffer, src=last, group=parallel.pp_group)
-    return buffer

@@ -54,11 +54,13 @@ VARIANTS = {
     "pp2_dp2_zero1_tied": ({"pipe_parallel_size": 2, "zero_optimization": {"stage": 1},
                             "pipe_partition_method": "uniform",
                             "checkpoint_activations": True, "checkpoint_num_layers": 1}, (2, 1, 2)),
+    # no clipping: the fp32 norm is then measured before DeepSpeed's model step (engine/steps.py)
+    "pp2_dp2_noclip": ({"pipe_parallel_size": 2, "gradient_clipping": 0.0, "no_weight_tying": True}, (2, 1, 2)),
     # bf16 weights, fp32 gradient sums, ZeRO-1: DeepSpeed's BF16_Optimizer (with bf16_optimizer_patches)
     "pp2_dp2_bf16": ({"pipe_parallel_size": 2, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
                       "data_types": {"grad_accum_dtype": "fp32"}}, (2, 1, 2)),
 }
-BF16_VARIANTS = ("pp2_dp2_bf16",)
+BF16_VARIANTS = ("pp2_dp2_bf16",)  # (fp16: DeepSpeed refuses it on CPU; tests/gpu/test_gpu_pipeline.py)
 
 
 def init_deepspeed_comm() -> None:
@@ -192,7 +194,8 @@ def _finetune(overrides: dict, load: str, world_size: int, tp: int, pp: int):
 
 def checkpoint_runs(rank, world_size, save_dir):
     """PP=2 x TP=2 on 4 processes: train CKPT_STEPS saving after steps 2, 3, 4 (keep_last_n 2); resume from
-    step 3 and train step 4 again; finetune from step 4 at PP=2 x TP=2 and at PP=1 x TP=2 x DP=2."""
+    step 3 and train step 4 again; finetune from step 4 at PP=2 x TP=2, at PP=1 x TP=2 x DP=2, and at
+    PP=2 x TP=2 from its weights-only copy written by tools/ckpts/reshard.py."""
     from megatron.checkpointing.layout import complete_tags, write_latest
     from megatron.checkpointing.resume import TrainProgress, load_checkpoint, save_checkpoint
     from megatron.mpu import initialize_model_parallel
@@ -224,18 +227,29 @@ def checkpoint_runs(rank, world_size, save_dir):
     dist.barrier()
     if rank == 0:
         write_latest(save_dir, "global_step4")
+        # the same layout written by tools/ckpts/reshard.py (weights only): DeepSpeed's own module-only load
+        _reshard_tool().reshard(save_dir, save_dir + "_weights", model_parallel_size=2, pipe_parallel_size=2)
     dist.barrier()
     return {"losses": losses, "tags": tags, "resumed_iteration": resumed.iteration, "resumed_loss": resumed_loss,
             "finetune_pp2": _finetune({}, save_dir, world_size, tp=2, pp=2),
-            "finetune_pp1_tp2": _finetune({}, save_dir, world_size, tp=2, pp=1)}
+            "finetune_pp1_tp2": _finetune({}, save_dir, world_size, tp=2, pp=1),
+            "finetune_pp2_weights_only": _finetune({}, save_dir + "_weights", world_size, tp=2, pp=2)}
+
+
+def _reshard_tool():
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("reshard_tool", os.path.join(root, "tools", "ckpts", "reshard.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def reference_checkpoint_runs(rank, world_size, save_dir, reshard_dir, probe_tokens):
     """PP=1 on one process: the losses of CKPT_STEPS steps and the logits of `probe_tokens` after them;
     the PP=2 x TP=2 checkpoint resharded to PP=1 x TP=1 (tools/ckpts/reshard.py) and finetuned."""
-    import importlib.util
-    import os
-
     from megatron.mpu import initialize_model_parallel
     from megatron.mpu.reductions import data_parallel_mean
 
@@ -252,10 +266,6 @@ def reference_checkpoint_runs(rank, world_size, save_dir, reshard_dir, probe_tok
         model.eval()
         logits = model(probe_tokens).float()  # [b, s, padded vocab] (TP=1: the whole vocabulary)
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("reshard_tool", os.path.join(root, "tools", "ckpts", "reshard.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.reshard(save_dir, reshard_dir, model_parallel_size=1, pipe_parallel_size=1)
+    _reshard_tool().reshard(save_dir, reshard_dir, model_parallel_size=1, pipe_parallel_size=1)
     return {"losses": losses, "logits": logits,
             "finetune_resharded": _finetune({}, reshard_dir, world_size, tp=1, pp=1)}

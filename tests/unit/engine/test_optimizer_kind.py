@@ -62,7 +62,8 @@ def test_wrapper_is_deepspeeds_choice(precision, accum, stage, offload, pipeline
 def test_kind_of_a_config_names_the_settings():
     base = {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8,
             "data_path": "data/bundled/pystdlib_text_document", "train_micro_batch_size_per_gpu": 1,
-            "train_iters": 10, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+            "train_iters": 10, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+            "tokenizer_type": "ByteLevelTokenizer", "lr": 1e-3}
     on_device = deepspeed_optimizer_kind(NeoXArgs.from_dict(dict(base, zero_optimization={"stage": 1}),
                                                             world_size=1))
     offloaded = deepspeed_optimizer_kind(NeoXArgs.from_dict(

@@ -1,11 +1,11 @@
 """megatron/mpu/reductions.py in one process: the grad norm counts each parameter once (a pipeline
-duplicate not at all); the data-parallel mean and the last stage's value are identities without groups.
+duplicate not at all); the data-parallel mean is the identity without groups.
 (The multi-process sums over tensor and pipeline groups are checked in tests/distributed/test_pipeline.py.)"""
 
 import torch
 
 from megatron.mpu import ParallelState
-from megatron.mpu.reductions import PIPELINE_DUPLICATE, data_parallel_mean, grad_norm, last_stage_value
+from megatron.mpu.reductions import PIPELINE_DUPLICATE, data_parallel_mean, grad_norm
 
 
 def test_grad_norm_is_the_l2_norm_and_skips_pipeline_duplicates():
@@ -19,5 +19,3 @@ def test_grad_norm_is_the_l2_norm_and_skips_pipeline_duplicates():
 def test_single_process_reductions_are_identities():
     state = ParallelState.single()
     assert data_parallel_mean(torch.tensor(2.5), state) == 2.5
-    value = torch.tensor(1.5)
-    assert last_stage_value(value, state, value.device) is value
