@@ -12,7 +12,8 @@ DeepSpeed broadcasts stage 0's weight to the copy at build time and sums the two
 tied group before every step (`allreduce_tied_weight_gradients`), so both copies take identical updates.
 The copy carries `ds_pipe_replicated`: gradient norms count it once.
 
-Stages are cut by `pipe_partition_method` (DeepSpeed's): "type:transformer" balances the transformer layers
+Stages are cut by `pipe_partition_method` (DeepSpeed's): "type:transformer" and GPT-NeoX's default
+"type:transformer|mlp" (the same cut: no stage layer here is an MLP of its own) balance the transformer layers
 (the embedding lands on the first stage, norm and head on the last), "parameters" balances parameter
 counts, "uniform" the number of specs. Activation checkpointing recomputes chunks of
 `checkpoint_num_layers` specs of transformer layers (`mpu.random.checkpoint`, dropout replayed).
@@ -40,7 +41,7 @@ from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
 TIED_KEY = "embed"
 TIED_WEIGHT = "word_embeddings.weight"
-PARTITION_METHODS = ("type:transformer", "parameters", "uniform")
+PARTITION_METHODS = ("type:transformer|mlp", "type:transformer", "parameters", "uniform")
 
 
 class EmbeddingPipe(Embedding):
@@ -174,7 +175,7 @@ def _checkpoint_func(checkpoint, parallel: ParallelState, partition_activations:
 
 
 def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, precision: str = "fp32",
-                         *, partition_method: str = "type:transformer", checkpoint_activations: bool = False,
+                         *, partition_method: str = "type:transformer|mlp", checkpoint_activations: bool = False,
                          checkpoint_num_layers: int = 1, torch_compile: bool = False, init_seed: int | None = None,
                          partition_activations: bool = False):
     """This rank's stage of the GPT model: a DeepSpeed `PipelineModule` over `layer_specs` (needs

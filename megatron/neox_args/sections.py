@@ -164,11 +164,14 @@ class ParallelArgs:
     (megatron/model/pipeline.py) under its PipelineEngine; needs num_layers >= pipe_parallel_size and ZeRO
     stage 0 or 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3)."""
 
-    pipe_partition_method: Literal["type:transformer", "parameters", "uniform"] = "type:transformer"
-    """How layers are cut into pipeline stages (DeepSpeed's methods, GPT-NeoX's values): `type:transformer`
-    balances the number of transformer layers per stage (the embedding goes to the first stage, the final
-    norm and output head to the last), `parameters` balances parameter counts, `uniform` the number of
-    layers counting embedding, norm and head as layers."""
+    pipe_partition_method: Literal["type:transformer|mlp", "type:transformer", "parameters", "uniform"] = \
+        "type:transformer|mlp"
+    """How layers are cut into pipeline stages (DeepSpeed's methods, GPT-NeoX's values and default):
+    `type:transformer|mlp` (GPT-NeoX's default) and `type:transformer` balance the number of transformer
+    layers per stage (DeepSpeed matches the regex against layer class names; our stages have no separate MLP
+    layers, so the two cut identically; the embedding goes to the first stage, the final norm and output
+    head to the last), `parameters` balances parameter counts, `uniform` the number of layers counting
+    embedding, norm and head as layers."""
 
     sequence_parallel: bool = False
     """Megatron-style sequence parallelism: norms/dropout/residual run on a sequence shard of each
