@@ -19,7 +19,7 @@ collective is the identity on a `None` or size-1 group, so the layers run withou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch.distributed as dist
 

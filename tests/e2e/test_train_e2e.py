@@ -43,7 +43,7 @@ def test_two_rank_data_parallel_matches_one_rank(tmp_path):
 def test_shipped_tiny_config_trains(tmp_path):
     """configs/tiny.yml itself (the README's default), cut to 20 steps and without saving."""
     tiny = load_config_file("configs/tiny.yml")
-    loss = losses(run_deepy(tmp_path, "tiny", {"train_iters": 20, "log_interval": 10, "save": None,
+    loss = losses(run_deepy(tmp_path, "tiny", {"train_iters": 20, "log_interval": 10, "save": None, "load": None,
                                                "eval_interval": 1000}, base=tiny))
     assert sorted(loss) == [10, 20]
     assert loss[20] < 3.6 and loss[10] < 5.0  # step 1 is ~5.9 (ln 384); 200 steps reach ~2.1

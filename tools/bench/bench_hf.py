@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from bench_data import token_batches
-from bench_timing import find_host_syncs, measure, profile_steps
+from bench_timing import measure_spec
 
 
 def build_hf_model(args, device: str):
@@ -67,11 +67,7 @@ def run_hf(spec: dict, args, compiled: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = measure(step, spec["warmup"], spec["steps"], device, spec.get("timing", "events"))
-    if spec.get("sync_debug"):
-        result["host_syncs"] = find_host_syncs(step, device)
-    if spec.get("profile"):
-        result["profile"] = profile_steps(step, device)
+    result = measure_spec(step, spec)
     result.update({
         "tokens_per_step": spec["micro_batch"] * spec["seq"] * grad_accum,
         "params": n_params,

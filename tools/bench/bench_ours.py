@@ -15,7 +15,7 @@ import os
 import torch
 
 from bench_config import describe_ours
-from bench_timing import find_host_syncs, host_profile, measure, phase_spans, profile_steps
+from bench_timing import host_profile, measure_spec, phase_spans
 
 
 class NullLogger:
@@ -72,12 +72,8 @@ def run_ours(spec: dict, args) -> dict:
     trainer = Trainer(args, engine, model, parallel, iterators, NullLogger(), meter, TrainProgress(),
                       sum_sequence_parallel_grads_per_step=sum_sp_grads_per_step)
 
-    result = measure(trainer.train_step, spec["warmup"], spec["steps"], spec["device"],
-                     spec.get("timing", "events"))
-    if spec.get("sync_debug"):
-        result["host_syncs"] = find_host_syncs(trainer.train_step, spec["device"])
+    result = measure_spec(trainer.train_step, spec)
     if spec.get("profile"):
-        result["profile"] = profile_steps(trainer.train_step, spec["device"])
         result["phases_ms"] = phase_spans(trainer)
         result["host_profile"] = host_profile(trainer.train_step)
     result.update({

@@ -69,6 +69,18 @@ def measure(step: Callable[[], None], warmup: int, steps: int, device: str, timi
     return result
 
 
+
+def measure_spec(step: Callable[[], None], spec: dict) -> dict:
+    """`measure` with the spec's warmup, steps, device and timing, plus the spec's optional diagnostics:
+    `host_syncs` (`--sync-debug`) and `profile` (`--profile`), each over steps of their own."""
+    device = spec["device"]
+    result = measure(step, spec["warmup"], spec["steps"], device, spec.get("timing", "events"))
+    if spec.get("sync_debug"):
+        result["host_syncs"] = find_host_syncs(step, device)
+    if spec.get("profile"):
+        result["profile"] = profile_steps(step, device)
+    return result
+
 def _time_back_to_back(step: Callable[[], None], steps: int) -> list[float]:
     """Seconds of device time between the CUDA events recorded before and after each of `steps` steps
     run back to back (no synchronization until the last one is issued)."""

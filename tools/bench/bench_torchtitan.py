@@ -26,7 +26,7 @@ import math
 import torch
 
 from bench_data import token_batches
-from bench_timing import find_host_syncs, measure, profile_steps
+from bench_timing import measure_spec
 
 
 class TorchtitanShapeError(ValueError):
@@ -128,11 +128,7 @@ def run_torchtitan(spec: dict, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = measure(step, spec["warmup"], spec["steps"], device, spec.get("timing", "events"))
-    if spec.get("sync_debug"):
-        result["host_syncs"] = find_host_syncs(step, device)
-    if spec.get("profile"):
-        result["profile"] = profile_steps(step, device)
+    result = measure_spec(step, spec)
     result.update({
         "tokens_per_step": tokens_per_step,
         "params": n_params,
