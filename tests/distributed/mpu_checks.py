@@ -361,7 +361,9 @@ def check_world_size_error(world_size: int) -> None:
         mpu.initialize_model_parallel(3, 1)
     except ValueError as exc:
         message = str(exc)
-        assert f"world_size ({world_size})" in message and "(3)" in message and "(1)" in message, message
+        # every factor is named: the world size, tp, pp and the fractional dp it would need
+        assert all(part in message for part in (f"world size {world_size}", "tensor-parallel 3",
+                                                "pipeline-parallel 1", f"{world_size} / (3 x 1)")), message
     else:
         raise AssertionError("tp=3 accepted on a world of 4")
 
