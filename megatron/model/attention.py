@@ -95,11 +95,9 @@ class ParallelSelfAttention(nn.Module):
             init_method=init.fn(model.output_layer_init_method, model, "linear_proj.weight"), params_dtype=dtype,
         )
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
-        """x as in the class docstring; `position_ids` int64 `[b, s]` (full sequence; None: 0..s-1) for
-        rotary; `cu_seqlens` int32 `[n_docs + 1]` and `max_seqlen` (full sequence, all rows: see
-        megatron/data/doc_masks.py) restrict attention to each token's document."""
+    def qkv_heads(self, x: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """x as in the class docstring -> (q [s, b, local_heads, d], k, v [s, b, local_kv, d]), rotated when
+        the model is rotary; `position_ids` int64 `[b, s]` (full sequence; None: 0..s-1)."""
         qkv = self.linear_qkv(x)  # [s, b, local_kv * (q_per_kv + 2) * d] (full sequence)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.num_local_kv_heads, self.q_per_kv + 2, self.head_dim)
@@ -117,8 +115,16 @@ class ParallelSelfAttention(nn.Module):
                 cos, sin = cos[:, :, None, :], sin[:, :, None, :]
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
+        return q, k, v
 
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + causal (and document / window) mask) v: q `[s, b, local_heads, d]`,
+        k and v `[s, b, local_kv, d]` -> `[s, b, local_heads, d]`. `cu_seqlens` int32 `[n_docs + 1]` and
+        `max_seqlen` (full sequence, all rows: see megatron/data/doc_masks.py) restrict attention to each
+        token's document. With `recompute_core` only q, k, v are kept for backward."""
         dropout_p = self.attention_dropout if self.training else 0.0
+
         def core(q, k, v):
             # attention probabilities belong to the local heads (sharded): their dropout draws from the
             # tensor-rank RNG stream
@@ -128,9 +134,16 @@ class ParallelSelfAttention(nn.Module):
                                         window=self.window)  # [s, b, local_heads, d]
 
         if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(core, q, k, v)  # only q, k, v kept; the tracker stream replayed for dropout
-        else:
-            out = core(q, k, v)
+            return checkpoint(core, q, k, v)  # only q, k, v kept; the tracker stream replayed for dropout
+        return core(q, k, v)
 
-        out = out.reshape(s, b, self.num_local_heads * self.head_dim)  # [s, b, h/tp]
-        return self.linear_proj(out)  # [s, b, h] or [s/tp, b, h]
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention output `[s, b, local_heads, d]` -> `[s, b, h]` (or `[s/tp, b, h]` under SP)."""
+        s, b = out.shape[:2]
+        return self.linear_proj(out.reshape(s, b, self.num_local_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """x as in the class docstring -> same shape: `project(core_attention(*qkv_heads(x)))`."""
+        q, k, v = self.qkv_heads(x, position_ids)
+        return self.project(self.core_attention(q, k, v, cu_seqlens, max_seqlen))

@@ -376,6 +376,14 @@ class TrainingArgs:
     and copied back for the recomputation in backward. Saves num_layers/checkpoint_num_layers x s x b x h
     activations of device memory (e.g. 48 GiB for 1.3B at 512k tokens) for as much pinned host memory."""
 
+    checkpoint_keep_attention: bool = False
+    """With checkpoint_activations: each layer is checkpointed in two pieces around its attention kernel
+    (norm + qkv projection + rotary; output projection + residual + MLP), so backward recomputes both pieces
+    but never the kernel's forward. The kernel keeps q, k, v, its output and its softmax statistics: about
+    4 more [s, b, h/tp] tensors per layer than plain checkpointing (fewer with grouped-query attention), for
+    one attention forward less per layer and step, most of a layer's recompute at long sequences. Needs
+    checkpoint_num_layers 1 and checkpoint_in_cpu false."""
+
     recompute_modules: list = field(default_factory=list)
     """Selective recomputation (Megatron-Core's key and names), for runs without checkpoint_activations: the
     listed parts of every layer keep only their inputs and are recomputed in backward. `core_attn`: the

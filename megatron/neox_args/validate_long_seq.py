@@ -84,6 +84,23 @@ def check_long_seq(args: Any, sources: Mapping[str, str]) -> None:
                                      f"the pipeline stages do not carry it yet (document fields / offloaded or "
                                      f"selective recomputation are wired for the plain engine only); set "
                                      f"pipe_parallel_size: 1, or drop {key}.", key, "pipe_parallel_size")
+    if training.checkpoint_keep_attention:
+        if not training.checkpoint_activations:
+            raise _fail(sources, "checkpoint_keep_attention: true with checkpoint_activations: false {where}: it is a "
+                                 "way of checkpointing; set checkpoint_activations: true, or drop "
+                                 "checkpoint_keep_attention.", "checkpoint_keep_attention", "checkpoint_activations")
+        for key, bad, setting, fix in (
+                ("checkpoint_num_layers", training.checkpoint_num_layers != 1,
+                 f"checkpoint_num_layers: {training.checkpoint_num_layers}",
+                 "it checkpoints one layer at a time; set checkpoint_num_layers: 1"),
+                ("checkpoint_in_cpu", training.checkpoint_in_cpu, "checkpoint_in_cpu: true",
+                 "one keeps more on the device, the other moves the layer inputs to the host; choose one"),
+                ("pipe_parallel_size", args.parallel.pipe_parallel_size > 1,
+                 f"pipe_parallel_size: {args.parallel.pipe_parallel_size}",
+                 "the pipeline stages checkpoint whole layers; set pipe_parallel_size: 1 or drop it")):
+            if bad:
+                raise _fail(sources, f"checkpoint_keep_attention: true with {setting} {{where}}: {fix}.",
+                            "checkpoint_keep_attention", key)
     if training.checkpoint_in_cpu and not training.checkpoint_activations:
         raise _fail(sources, "checkpoint_in_cpu: true keeps the checkpointed layer inputs in host memory, but "
                              "checkpoint_activations is false {where}; set checkpoint_activations: true, or "

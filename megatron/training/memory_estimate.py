@@ -30,7 +30,9 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                        3 with mlp_act), times
                        min(1, mlp_chunk_size / s_l); recompute_modules core_attn drops the attention output
     checkpointing:     ceil(L / k) E_l a for the chunk inputs (on the host with checkpoint_in_cpu,
-                       pinned and rounded), plus one chunk of k layers recomputed as above
+                       pinned and rounded), plus one chunk of k layers recomputed as above;
+                       checkpoint_keep_attention adds per layer what the attention kernel keeps: q, k, v
+                       and its output ((2 heads + 2 kv) d / h / t) E a and the fp32 softmax statistics
     always:            3 E a around the layers (embedding output, final norm, gathered head input),
                        2 E a of gradients in flight, the fused cross entropy's two
                        [chunk, V/t] fp32 blocks
@@ -131,6 +133,15 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     return replicated + attention + mlp
 
 
+def kept_attention_bytes(model, derived, tp: int, micro: int, a: int) -> float:
+    """Bytes one layer's attention kernel keeps for backward under checkpoint_keep_attention: q, k, v and
+    its output `[s, b, heads/t or kv/t, d]` in the activation dtype plus fp32 log-sum-exp `[b, heads/t, s]`."""
+    head_dim = model.hidden_size // model.num_attention_heads
+    tokens = micro * model.seq_length
+    heads, kv = model.num_attention_heads / tp, derived.num_kv_heads / tp
+    return tokens * ((2 * heads + 2 * kv) * head_dim * a + 4 * heads)
+
+
 def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
     """The estimate for a resolved NeoXArgs (vocab size set) on one rank of `device_type` (an unset
     torch_compile counts as resolved for it: compiled on CUDA, megatron/training/device_defaults.py)."""
@@ -183,6 +194,8 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
         else:
             dev["checkpointed inputs"] = inputs
         dev["recomputed chunk"] = min(k, layers) * per_layer
+        if training.checkpoint_keep_attention:
+            dev["kept attention tensors"] = layers * kept_attention_bytes(model, derived, tp, micro, a)
     else:
         dev["layer activations"] = layers * per_layer
     chunk = min(model.cross_entropy_chunk_size, micro * model.seq_length) if model.fused_cross_entropy \

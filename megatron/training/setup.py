@@ -51,6 +51,7 @@ def build_model(args, parallel, device_type: str):
                      partition_activations=args.training.partition_activations,
                      checkpoint_in_cpu=args.training.checkpoint_in_cpu,
                      recompute_modules=tuple(args.training.recompute_modules),
+                     checkpoint_keep_attention=args.training.checkpoint_keep_attention,
                      torch_compile=choices.torch_compile, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:

@@ -174,3 +174,39 @@ def test_model_with_fa4_matches_sdpa(docs, compiled):
         out[impl] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
     assert out["fa4"][0].item() == pytest.approx(out["sdpa"][0].item(), rel=5e-3)
     assert _rel(out["fa4"][1], out["sdpa"][1]) < 5e-2
+
+
+@pytest.mark.parametrize("impl", ["fa4", "sdpa"])
+def test_keep_attention_checkpoint_matches_plain_checkpoint_and_holds_the_attention_tensors(impl):
+    """checkpoint_keep_attention, compiled, on CUDA: loss and gradients as the plain checkpoint's (bf16
+    tolerance: the compiled pieces fuse differently from the compiled whole layer), and the extra memory
+    held after the forward is what the estimate says the kernel keeps (q, k, v, output, statistics)."""
+    if impl == "fa4":
+        _need_fa4()
+    from megatron.mpu.initialize import ParallelState
+    from megatron.mpu.random import model_parallel_seed
+    from megatron.training.memory_estimate import kept_attention_bytes
+
+    tokens = torch.randint(0, 512, (1, 4096), device="cuda")
+    results = {}
+    for keep in (False, True):
+        model = _tiny_model(attention_impl=impl, checkpoint_activations=True, checkpoint_keep_attention=keep,
+                            torch_compile=True)
+        model_parallel_seed(1, ParallelState.single())
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        loss = model(tokens, tokens)
+        torch.cuda.synchronize()
+        after_forward = torch.cuda.memory_allocated() - base
+        loss.backward()
+        results[keep] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]),
+                         after_forward)
+        del model, loss
+    (loss_a, grads_a, mem_a), (loss_b, grads_b, mem_b) = results[False], results[True]
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=5e-3)
+    assert _rel(grads_b, grads_a) < 5e-2
+    from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+    expected = 4 * kept_attention_bytes(ModelArgs(hidden_size=512, num_attention_heads=4, seq_length=4096),
+                                        DerivedArgs(num_kv_heads=4), 1, 1, 2)
+    assert mem_b - mem_a == pytest.approx(expected, rel=0.25)

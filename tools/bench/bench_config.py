@@ -148,6 +148,8 @@ def describe_ours(args, device: str) -> str:
         notes.append(f"mlp chunks {args.model.mlp_chunk_size}")
     if args.training.checkpoint_in_cpu:
         notes.append("ckpt inputs on host")
+    if args.training.checkpoint_keep_attention:
+        notes.append("attention kept")
     if args.training.recompute_modules:
         notes.append("recompute " + "+".join(args.training.recompute_modules))
     if args.data.reset_attention_mask:

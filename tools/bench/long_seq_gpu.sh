@@ -20,19 +20,22 @@ B="python3 tools/bench/bench_throughput.py --baselines= --micro-batch 1 --timing
 FAST="--set torch_compile=true"
 stage=${1:-help}
 case "$stage" in
-  tests)   # ~3 min (FA4 compiles its kernels on first use): numerics of FA4 / varlen / offload
+  tests)   # ~3 min (FA4 compiles its kernels on first use): numerics of FA4 / varlen / offload / kept attention
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_long_seq.py -q -x 2>&1 | tail -20 ;;
+  keep-tests)   # ~2 min: the model paths the attention refactor touched (FA4 vs SDPA, kept attention)
+    setup; python3 -m pytest -m gpu tests/gpu/test_gpu_long_seq.py -q -k "keep_attention or model_with_fa4" 2>&1 | tail -20 ;;
   attention)   # ~2 min: FA4 vs cuDNN (and torch varlen) per shape, fwd+bwd causal bf16
     setup; python3 tools/bench/bench_attention.py --head-dims 64,128 --seqs 2048,8192,32768,131072 \
       --kernels fa4,cudnn,varlen --tokens 131072 --warmup 2 --iters 5 --out "$OUT/attention.json" ;;
-  1.3b-128k)   # ~5 min: 1.3B at 131072, FA4 vs cuDNN SDPA (one command, variants side by side)
+  1.3b-128k)   # ~4 min: 1.3B at 131072 with FA4, plain full checkpointing vs checkpoint_keep_attention
     setup; $B --sizes 1.3B --seq 131072 --steps 2 --warmup 1 $FAST --timeout 280 \
-      --variant "fa4: attention_impl=fa4" --variant "cudnn: sdpa_backend=cudnn" \
+      --variant "fa4: attention_impl=fa4" --variant "fa4-keep: attention_impl=fa4 checkpoint_keep_attention=true" \
       --out "$OUT/1-3B-128k.json" --markdown ;;
-  6.9b-128k)   # ~5 min: 6.9B at 131072 on one GPU, ZeRO-2 + CPU Adam (first use JIT-builds cpu_adam: +1-2 min)
+  6.9b-128k)   # ~5 min: 6.9B at 131072 on one GPU, ZeRO-2 + CPU Adam (first use JIT-builds cpu_adam: +1-2 min);
+               # attention as the device defaults choose (FA4 when installed, else cuDNN SDPA)
     setup; $B --sizes 6.9B --seq 131072 --steps 1 --warmup 1 $FAST --set model_parallel_size=1 \
       --set 'zero_optimization={stage: 2, offload_optimizer: {device: cpu, pin_memory: false}, overlap_comm: true, contiguous_gradients: true}' \
-      --set 'data_types={}' --set communication_data_type=null --set attention_impl=fa4 --set mlp_chunk_size=32768 \
+      --set 'data_types={}' --set communication_data_type=null --set mlp_chunk_size=32768 \
       --out "$OUT/6-9B-128k.json" --markdown --timeout 560 ;;
   1.3b-512k)   # ~8 min (one step is ~3.5 min at 512k): 1.3B at 524288, FA4, MLP in 64k chunks
     setup; $B --sizes 1.3B --seq 524288 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 \
@@ -50,5 +53,5 @@ case "$stage" in
         --world-size 1 --set seq_length=$s --set max_position_embeddings=$s --set train_micro_batch_size_per_gpu=1 \
         --set gradient_accumulation_steps=1 --set torch_compile=true --set mlp_chunk_size=65536 --set checkpoint_activations=true --device-gib 139 | grep "^device\|^refused" | cut -c1-60
     done; done ;;
-  *) sed -n '2,9p' "$0"; echo "stages: tests attention 1.3b-128k 6.9b-128k 1.3b-512k maxseq estimate" ;;
+  *) sed -n '2,9p' "$0"; echo "stages: tests keep-tests attention 1.3b-128k 6.9b-128k 1.3b-512k maxseq estimate" ;;
 esac

@@ -1,6 +1,7 @@
 """Memory levers are exact against the plain path (fp32, CPU): the MLP in sequence chunks
-(`mlp_chunk_size`) and activation checkpointing with the layer inputs offloaded (`checkpoint_in_cpu`);
-loss and every parameter's gradient. Dropout is on where the RNG replay matters (offload), and the
+(`mlp_chunk_size`), activation checkpointing with the layer inputs offloaded (`checkpoint_in_cpu`) and
+checkpointing that keeps the attention kernel's work (`checkpoint_keep_attention`); loss and every
+parameter's gradient. Dropout is on where the RNG replay matters (offload), and the
 offloaded path is checked to keep no layer input in the autograd graph."""
 
 import pytest
@@ -25,7 +26,8 @@ def _loss_and_grads(model, tokens, labels, seed=11):
 
 def _build(seed=3, **kwargs):
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("checkpoint_activations", "checkpoint_in_cpu",
-                                                                     "checkpoint_num_layers", "recompute_modules")}
+                                                                     "checkpoint_num_layers", "recompute_modules",
+                                                                     "checkpoint_keep_attention")}
     model_args, derived = make_args(num_layers=3, **overrides)
     torch.manual_seed(seed)
     return GPTModel(model_args, derived, ParallelState.single(), **kwargs)
@@ -172,3 +174,89 @@ def test_selective_recompute_is_exact_and_saves_what_it_names(modules, activatio
         assert saved >= expected, (saved, expected)
     else:
         assert saved == expected, (saved, expected)
+
+
+@pytest.mark.parametrize("gpt_j_residual", [True, False])
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_keep_attention_checkpoint_equals_plain_checkpoint_and_no_checkpoint(gpt_j_residual, num_kv_heads):
+    """Checkpointing in two pieces around the attention kernel gives the plain checkpoint's and the
+    un-checkpointed model's loss and gradients, with both dropouts on (their masks replayed in the
+    recomputed pieces, the attention kernel's own never recomputed), rotary, and grouped-query attention."""
+    tokens, labels = _batch()
+    common = dict(hidden_dropout=0.1, attention_dropout=0.1, gpt_j_residual=gpt_j_residual,
+                  num_kv_heads=num_kv_heads)
+    plain_ckpt = _loss_and_grads(_build(checkpoint_activations=True, **common), tokens, labels)
+    kept = _loss_and_grads(_build(checkpoint_activations=True, checkpoint_keep_attention=True, **common),
+                           tokens, labels)
+    _assert_same(plain_ckpt, kept)
+    no_ckpt = _loss_and_grads(_build(**common), tokens, labels)
+    _assert_same(no_ckpt, kept)
+
+
+def test_keep_attention_checkpoint_with_documents():
+    """Document-aware batches (positions restarting, attention within documents) through the kept kernel."""
+    from megatron.data.doc_masks import DocumentMasking, document_fields
+
+    tokens, labels = _batch()
+    tokens[:, 5] = 0
+    tokens[1, 11] = 0
+    fields = document_fields(tokens, DocumentMasking(eod=0, reset_position_ids=True, reset_attention_mask=True))
+    assert fields["cu_seqlens"].numel() > 3  # several documents per row
+    results = []
+    for keep in (False, True):
+        model = _build(checkpoint_activations=True, checkpoint_keep_attention=keep)
+        model_parallel_seed(11, ParallelState.single())
+        loss = model(tokens, labels, **fields)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _assert_same(*results)
+
+
+def test_keep_attention_runs_the_attention_kernel_once_per_layer(monkeypatch):
+    """The point of it: a training step runs each layer's attention kernel once (plain checkpointing runs
+    it twice: forward and recompute). Counted through the kernel entry point the layer calls."""
+    from megatron.model import attention
+
+    calls = {"n": 0}
+    original = attention.causal_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_attention", counting)
+    tokens, labels = _batch()
+    counts = {}
+    for keep in (False, True):
+        calls["n"] = 0
+        _loss_and_grads(_build(checkpoint_activations=True, checkpoint_keep_attention=keep), tokens, labels)
+        counts[keep] = calls["n"]
+    assert counts == {False: 6, True: 3}  # 3 layers
+
+
+def test_keep_attention_keeps_no_view_of_the_fused_qkv_buffer():
+    """What the step holds between forward and backward: with checkpoint_keep_attention the attention
+    kernel keeps q, k, v of their own storage, never a view of the [s, b, 3h] qkv projection output (v is
+    one), which would keep the whole buffer. Negative control: the un-checkpointed layer saves that buffer."""
+    tokens, labels = _batch()
+
+    def saved_storages(model):  # elements of each saved activation's storage (weights left out)
+        storages = []
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages.append(t.untyped_storage().nbytes() // t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens, labels).backward()
+        return storages
+
+    kept = _build(checkpoint_activations=True, checkpoint_keep_attention=True)
+    qkv_elements = tokens.numel() * kept.layers[0].attention.linear_qkv.weight.shape[0]  # s b 3h
+    h = kept.layers[0].attention.linear_qkv.weight.shape[1]
+    storages = saved_storages(kept)
+    assert qkv_elements not in storages, "a saved tensor shares the qkv buffer's storage"
+    assert storages.count(tokens.numel() * h) >= 3 * 4  # per layer: its input, q, k, v, output ([s, b, h] each)
+    assert qkv_elements in saved_storages(_build())  # negative control

@@ -74,6 +74,10 @@ def test_levers_move_memory_where_they_should():
     assert plain.device["recomputed chunk"] - chunked.device["recomputed chunk"] == pytest.approx(4 * e * (1 - 1 / 8))
     assert "checkpointed inputs" not in offloaded.device
     assert offloaded.host["checkpointed inputs (pinned)"] == 24 * pinned_size(e)
+    kept = estimate_memory(_args("1-3B.yml", mlp_chunk_size=65536, checkpoint_keep_attention=True, **base))
+    # q, k, v and the output (4 [s, b, h] bf16 each, 16 heads of 128) + fp32 statistics [16, s], per layer
+    assert kept.device["kept attention tensors"] == 24 * (4 * e + 4 * 16 * 524288)
+    assert kept.device_bytes - chunked.device_bytes == kept.device["kept attention tensors"]
 
 
 def test_static_estimate_matches_the_tensors_a_cpu_step_holds():
