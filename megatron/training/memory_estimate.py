@@ -18,7 +18,10 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                      added to its sum as it is produced and freed)
   fp32 masters       4 P / d (bf16/fp16 only)       } on the host with offload_optimizer.device cpu,
   Adam states        8 P / d (exp_avg, exp_avg_sq)  } with 4 P / d fp32 gradients and a P / d
-                                                      bf16 copy-back buffer there too
+                                                      bf16 copy-back buffer there too, and 4 P / d
+                                                      that host use grows by in the first backward
+                                                      (measured, not itemized: DeepSpeed 0.19 ZeRO-2,
+                                                      6.9B on one H200, see below)
   pinned buffers     with offload_optimizer.pin_memory, the masters, fp32 gradients and the bf16 buffer
                      are page-locked; torch's pinned allocator rounds every block up to a power of two
   activations        E = s b h (the micro-batch's residual stream), E_l = E / t under SP:
@@ -41,7 +44,11 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
 
 Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
 67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB) in tests/unit/training/test_memory_estimate.py,
-and against the measured CPU memory of a small fp32 model there (static terms: 205 vs 195 MiB; one layer's saved
+and against the measured CPU memory of a small fp32 model there. The offload growth term comes from the host
+trace of 6.9B at ZeRO-2 with offload_optimizer {device: cpu, pin_memory: false} on one H200 with a 125 GiB
+host (2026-12-01, docs/PERFORMANCE.md): 67 GiB after DeepSpeed's init (masters + fp32 gradients + bf16 buffer
++ baseline, as counted here), +24 GiB (~4 P) during the first backward, then killed at 124.7 GiB while the
+Adam states (8 P = 51 GiB) were being written; without the term this estimate said 119 GiB and let it start (static terms: 205 vs 195 MiB; one layer's saved
 activations: within 2% of `layer_activation_elements` for four layer shapes).
 """
 
@@ -173,6 +180,7 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
         host_terms = dict(optimizer)
         host_terms["fp32 gradients"] = 4 * state_shard
         host_terms["bf16 copy buffer"] = a * state_shard
+        host_terms["first-backward growth (measured)"] = 4 * state_shard
         for name in ("fp32 masters", "fp32 gradients", "bf16 copy buffer"):
             if pinned and name in host_terms:
                 host_terms[name] = pinned_size(host_terms[name])
