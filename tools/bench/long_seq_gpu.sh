@@ -40,18 +40,19 @@ case "$stage" in
   1.3b-512k)   # ~8 min (one step is ~3.5 min at 512k): 1.3B at 524288, FA4, MLP in 64k chunks
     setup; $BENCH --sizes 1.3B --seq 524288 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 \
       --set mlp_chunk_size=65536 --out "$OUT/1-3B-512k.json" --markdown --timeout 590 ;;
-  maxseq)   # ~8 min (410M config has no checkpointing: turned on): the max-sequence table's other rows, one step each at the estimate's longest fitting
-            # power-of-two length (python -m megatron.training.memory_estimate ... --device-gib 139 says which)
-    setup
-    $BENCH --sizes 410M --seq 524288 --steps 1 --warmup 1 $FAST --set checkpoint_activations=true --set attention_impl=fa4 --set mlp_chunk_size=65536 \
-      --out "$OUT/410M-512k.json" --markdown --timeout 280
-    $BENCH --sizes 2.7B --seq 262144 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 --set mlp_chunk_size=65536 \
-      --out "$OUT/2-7B-256k.json" --markdown --timeout 280 ;;
+  2.7b-256k)   # ~6 min (one step ~103 s): the 2.7B row of the max-sequence table (measured 2026-12-01)
+    setup; $BENCH --sizes 2.7B --seq 262144 --steps 1 --warmup 1 $FAST --set attention_impl=fa4 --set mlp_chunk_size=65536 \
+      --out "$OUT/2-7B-256k.json" --markdown --timeout 380 ;;
+  410m-1m)   # ~8 min: the 410M row at 1048576 (the estimate's longest fitting power of two, 85 GiB). One step
+             # takes ~6 min, so this one is timed WITHOUT a warm-up step: its time includes compiling the layers
+             # (~1 min); say so where it is recorded. The 410M config has no checkpointing: turned on.
+    setup; $BENCH --sizes 410M --seq 1048576 --steps 1 --warmup 0 $FAST --set checkpoint_activations=true \
+      --set attention_impl=fa4 --set mlp_chunk_size=65536 --out "$OUT/410M-1M.json" --markdown --timeout 560 ;;
   estimate)  # seconds, CPU only: the estimate of every row, to pick the lengths
     for s in 131072 262144 524288 1048576; do for z in 410M:configs/410M.yml 1.3B:configs/1-3B.yml 2.7B:configs/2-7B.yml; do
       echo "== ${z%%:*} seq $s"; python3 -m megatron.training.memory_estimate "${z#*:}" configs/local_setup.yml \
         --world-size 1 --set seq_length=$s --set max_position_embeddings=$s --set train_micro_batch_size_per_gpu=1 \
         --set gradient_accumulation_steps=1 --set torch_compile=true --set mlp_chunk_size=65536 --set checkpoint_activations=true --device-gib 139 | grep "^device\|^refused" | cut -c1-60
     done; done ;;
-  *) sed -n '2,9p' "$0"; echo "stages: tests keep-tests attention 1.3b-128k 6.9b-128k 1.3b-512k maxseq estimate" ;;
+  *) sed -n '2,9p' "$0"; echo "stages: tests keep-tests attention 1.3b-128k 6.9b-128k 1.3b-512k 2.7b-256k 410m-1m estimate" ;;
 esac
