@@ -1,6 +1,8 @@
 """Document-aware attention and MLP chunking under tensor parallelism 2, with and without sequence
 parallelism (2 gloo processes), equal the single-process model: logits, loss and every parameter's
-gradient (sharded ones shard-wise, SP-marked ones after the once-per-step tensor-group sum).
+gradient (sharded ones shard-wise, SP-marked ones after the once-per-step tensor-group sum). One case
+runs the parallel model with checkpoint_keep_attention (and partition_activations, which applies
+without SP) against the un-checkpointed reference.
 
 The document boundaries (`cu_seqlens`) and `position_ids` are built once from the full sequence (as the
 data loader does) and given unchanged to every rank: attention runs on the gathered sequence, and the
@@ -22,7 +24,10 @@ CONFIGS = {
     "rotary-docs-chunked": dict(rotary_pct=0.5, mlp_chunk_size=5),
     "learned-gqa-docs": dict(pos_emb="learned", num_kv_heads=2, activation="swiglu", norm="rmsnorm"),
     "rotary-window": dict(sliding_window_width=3, gpt_j_residual=True),
+    "rotary-docs-keep-attention": dict(rotary_pct=0.5, mlp_chunk_size=5, checkpoint_activations=True,
+                                       checkpoint_keep_attention=True, partition_activations=True),
 }
+PARALLEL_ONLY = ("checkpoint_activations", "checkpoint_keep_attention", "partition_activations")
 
 
 def _args(**overrides):
@@ -35,8 +40,10 @@ def _args(**overrides):
 
 
 def _check(state, overrides):
+    overrides = dict(overrides)
+    kwargs = {k: overrides.pop(k) for k in PARALLEL_ONLY if k in overrides}
     model_args, derived = _args(**overrides)
-    reference, parallel = reference_and_parallel(model_args, derived, state)
+    reference, parallel = reference_and_parallel(model_args, derived, state, **kwargs)
     gen = torch.Generator().manual_seed(9)
     tokens = torch.randint(1, VOCAB, (2, 16), generator=gen)
     tokens[0, [2, 11]] = EOD

@@ -6,13 +6,14 @@ from megatron import mpu
 from megatron.model import GPTModel
 
 
-def reference_and_parallel(model_args, derived, state, seed: int = 7):
+def reference_and_parallel(model_args, derived, state, seed: int = 7, **parallel_kwargs):
     """(single-process model, model on `state`'s tensor group) with identical initial weights: the init
-    does not depend on the tensor-parallel size, so the same seed gives the same full weights."""
+    does not depend on the tensor-parallel size, so the same seed gives the same full weights.
+    `parallel_kwargs` (e.g. checkpoint_activations) go to the parallel model only."""
     torch.manual_seed(seed)
     reference = GPTModel(model_args, derived, mpu.ParallelState.single())
     torch.manual_seed(seed)
-    parallel = GPTModel(model_args, derived, state)
+    parallel = GPTModel(model_args, derived, state, **parallel_kwargs)
     return reference, parallel
 
 
