@@ -9,13 +9,12 @@ data loader does) and given unchanged to every rank: attention runs on the gathe
 learned position embedding takes its own shard of the positions under SP."""
 
 import torch
-import torch.distributed as dist
 
 from megatron import mpu
 from megatron.data.doc_masks import DocumentMasking, document_fields
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 from tests.helpers.distributed import run_distributed
-from tests.helpers.models import reference_and_parallel
+from tests.helpers.models import assert_grads_match_reference, gathered_vocab_shards, reference_and_parallel
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, sums reordered by the reductions
 VOCAB, EOD = 128, 0
@@ -61,16 +60,9 @@ def _check(state, overrides):
     loss.backward()
     mpu.allreduce_sequence_parallel_grads(parallel, state)
 
-    shards = [torch.empty_like(logits) for _ in range(state.tp_size)]
-    dist.all_gather(shards, logits.detach().contiguous(), group=state.tp_group)
-    torch.testing.assert_close(torch.cat(shards, dim=-1), ref_logits.detach(), **TOL)
+    torch.testing.assert_close(gathered_vocab_shards(logits, state), ref_logits.detach(), **TOL)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL)
-    ref_params = dict(reference.named_parameters())
-    for name, p in parallel.named_parameters():
-        expected = ref_params[name].grad
-        if getattr(p, "tensor_model_parallel", False):
-            expected = expected.chunk(state.tp_size, dim=p.partition_dim)[state.tp_rank]
-        torch.testing.assert_close(p.grad, expected, **TOL, msg=name)
+    assert_grads_match_reference(parallel, reference, state, **TOL)
     # and the fused loss path (labels given to the model) agrees with the logits path
     parallel.zero_grad()
     fused = parallel(tokens, labels, mask, **docs)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron import mpu
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 from tests.helpers.distributed import run_distributed
-from tests.helpers.models import fixed_batch, reference_and_parallel
+from tests.helpers.models import assert_grads_match_reference, fixed_batch, reference_and_parallel
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, sums reordered by the reductions
 N, H, V = 30, 16, 64
@@ -78,12 +78,7 @@ def _check_model(state, overrides, fused, chunk):
 
     msg = f"{overrides} fused={fused} chunk={chunk} sp={state.sequence_parallel}"
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL, msg=msg)
-    ref_params = dict(reference.named_parameters())
-    for name, p in parallel.named_parameters():
-        expected = ref_params[name].grad
-        if getattr(p, "tensor_model_parallel", False):
-            expected = expected.chunk(state.tp_size, dim=p.partition_dim)[state.tp_rank]
-        torch.testing.assert_close(p.grad, expected, **TOL, msg=f"{name} {msg}")
+    assert_grads_match_reference(parallel, reference, state, msg, **TOL)
 
 
 def _tp2(rank, world_size):

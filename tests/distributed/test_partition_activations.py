@@ -8,7 +8,7 @@ from megatron import mpu
 from megatron.model import GPTModel
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 from tests.helpers.distributed import run_distributed
-from tests.helpers.models import fixed_batch
+from tests.helpers.models import assert_grads_match_reference, fixed_batch
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 VOCAB = 128
@@ -51,12 +51,7 @@ def _tp2(rank, world_size):
     # 2 chunks (layers 0-1, 2), each gathered in forward and again in the recompute: inputs [s, b, h/2]
     assert gathered_shapes == [(16, 2, 16)] * 4, gathered_shapes
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL)
-    ref_params = dict(reference.named_parameters())
-    for name, p in parallel.named_parameters():
-        expected = ref_params[name].grad
-        if getattr(p, "tensor_model_parallel", False):
-            expected = expected.chunk(2, dim=p.partition_dim)[state.tp_rank]
-        torch.testing.assert_close(p.grad, expected, **TOL, msg=name)
+    assert_grads_match_reference(parallel, reference, state, **TOL)
     return "ok"
 
 

@@ -1,4 +1,5 @@
-"""Building the same GPTModel twice, single-process and tensor-parallel, and a fixed batch for both."""
+"""Building the same GPTModel twice, single-process and tensor-parallel, a fixed batch for both, and the
+comparisons of the parallel model against the single-process one."""
 
 import torch
 
@@ -24,3 +25,23 @@ def fixed_batch(vocab: int, batch: int = 2, seq: int = 16, seed: int = 3):
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     mask = (torch.rand(batch, seq, generator=gen) > 0.25).float()
     return tokens, labels, mask
+
+
+def gathered_vocab_shards(logits: torch.Tensor, state) -> torch.Tensor:
+    """This rank's logits `[..., V/tp]` -> the full `[..., V]`, all-gathered over the tensor group."""
+    import torch.distributed as dist
+
+    shards = [torch.empty_like(logits) for _ in range(state.tp_size)]
+    dist.all_gather(shards, logits.detach().contiguous(), group=state.tp_group)
+    return torch.cat(shards, dim=-1)
+
+
+def assert_grads_match_reference(parallel, reference, state, msg: str = "", **tol) -> None:
+    """Every parameter gradient of the parallel model equals the single-process model's: tensor-parallel
+    parameters against their shard (`partition_dim`, this rank's piece), the others whole."""
+    ref_params = dict(reference.named_parameters())
+    for name, p in parallel.named_parameters():
+        expected = ref_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            expected = expected.chunk(state.tp_size, dim=p.partition_dim)[state.tp_rank]
+        torch.testing.assert_close(p.grad, expected, **tol, msg=f"{name} {msg}".strip())

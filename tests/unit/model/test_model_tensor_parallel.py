@@ -4,12 +4,11 @@ compared shard-wise). Under SP every gradient marked `sequence_parallel_grad` is
 group exactly once (a missing sum or a second one would also break the gradient comparison)."""
 
 import torch
-import torch.distributed as dist
 
 from megatron import mpu
 from model_test_utils import VOCAB, make_args
 from tests.helpers.distributed import run_distributed
-from tests.helpers.models import fixed_batch, reference_and_parallel
+from tests.helpers.models import fixed_batch, gathered_vocab_shards, reference_and_parallel
 
 TOL = 2e-5  # fp32, sums reordered by the reductions
 
@@ -50,9 +49,7 @@ def _check_model(state, overrides):
     else:
         assert summed == 0
 
-    shards = [torch.empty_like(logits) for _ in range(state.tp_size)]
-    dist.all_gather(shards, logits.detach().contiguous(), group=state.tp_group)
-    torch.testing.assert_close(torch.cat(shards, dim=-1), ref_logits.detach(), atol=TOL, rtol=0)
+    torch.testing.assert_close(gathered_vocab_shards(logits, state), ref_logits.detach(), atol=TOL, rtol=0)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=TOL, rtol=0)
 
     ref_params = dict(reference.named_parameters())
