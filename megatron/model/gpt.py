@@ -279,11 +279,11 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens, position_ids)  # [s, b, h] or [s/tp, b, h]
 
         n = len(self.layers)
-        if self.checkpoint_activations and self.checkpoint_keep_attention and self.training \
-                and torch.is_grad_enabled():
+        checkpointing = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        if checkpointing and self.checkpoint_keep_attention:
             for layer in self.layers:
                 x = self._layer_keeping_attention(layer, x, position_ids, cu_seqlens, max_seqlen)
-        elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        elif checkpointing:
             for start in range(0, n, self.checkpoint_num_layers):
                 run = self._run_layers(start, min(start + self.checkpoint_num_layers, n), **documents)
                 if self.checkpoint_in_cpu:
