@@ -164,3 +164,25 @@ def test_layer_activation_term_matches_the_saved_tensors_of_a_cpu_layer(override
         model.layers[0](x)
     measured = sum(storages.values()) / (64 * 2 * 256 * 4)
     assert measured == pytest.approx(layer_activation_elements(model_args, derived, 1, False, False), rel=0.03)
+
+
+def test_bf16_gradients_alive_at_the_end_of_backward_unless_folded_as_produced():
+    """BF16_Optimizer adds the bf16 gradients to their fp32 sums after backward, so at its end all a P of them
+    are alive (beyond the freed checkpointed inputs and head activations); `bf16.immediate_grad_update` folds
+    and frees each as it is produced. 6.9B at 128k with its inputs on the host: 139.2 GiB (refused on the
+    139 GiB H200) against 131.0 with immediate_grad_update (configs/long_seq/6-9B-128k.yml)."""
+    common = dict(seq_length=131072, max_position_embeddings=131072, torch_compile=True, checkpoint_in_cpu=True,
+                  mlp_chunk_size=16384)
+    late = _args("6-9B.yml", **common)
+    folded = _args("6-9B.yml", bf16={"enabled": True, "immediate_grad_update": True}, **common)
+    est_late, est_folded = estimate_memory(late), estimate_memory(folded)
+    p = total_params(late.model, late.derived)
+    assert "bf16 gradients before their fold" not in est_folded.device
+    assert est_late.device["bf16 gradients before their fold"] == pytest.approx(2 * p - est_late.device["head and loss"])
+    assert est_late.device_bytes - est_folded.device_bytes == est_late.device["bf16 gradients before their fold"]
+    with pytest.raises(ConfigError, match=r"immediate_grad_update: true"):
+        check_memory(late, est_late, device_free=139 * GIB, host_available=None)
+    check_memory(folded, est_folded, device_free=139 * GIB, host_available=None)
+    # with the inputs on the device they are freed by the end of backward and cover the bf16 gradients of 1.3B
+    small = _args("1-3B.yml", seq_length=32768, max_position_embeddings=32768, torch_compile=True)
+    assert "bf16 gradients before their fold" not in estimate_memory(small).device
