@@ -1,5 +1,5 @@
 """Four hot paths of DeepSpeed's BF16_Optimizer without per-parameter launches, redundant fills or a host
-wait.
+wait, and its fp32 gradient sums freed between steps on request.
 
 With bf16 weights and `data_types.grad_accum_dtype: fp32` (the shipped bf16 configs) DeepSpeed 0.19 runs
 BF16_Optimizer (fp32 master weights, fp32 gradient sums). `install()` replaces four of its methods; all
@@ -63,8 +63,17 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    It needs a torch Adam/AdamW with `fused=True` (the only torch optimizer that takes `found_inf`; our
    optimizer is fused on GPU) and no MoE or Muon groups; otherwise DeepSpeed's step runs unchanged.
 
+4. With `free_grad_sums_between_steps` (set by `enable_free_grad_sums`, the config key of that name) the
+   fp32 gradient buffer's memory is handed back to the allocator after each step (its storage resized to
+   0 bytes; every view of it stays a valid object) and taken again when `update_hp_grads` first writes
+   it, after the next backward. Item 1 writes every sum before anything reads it, so the uninitialized
+   memory is never seen. The sums (4 bytes a parameter) then exist only from the end of the step's first
+   backward to its optimizer step: not beside the activations of a forward at one micro-batch per step,
+   where the peak usually is. Same values bit for bit.
+
 Optimizers that accumulate in backward hooks (`immediate_grad_update`) or correct expert-parallel gradients
-first (`autoep_folding_tp_group`) keep DeepSpeed's `update_hp_grads` and `clear_hp_grads`.
+first (`autoep_folding_tp_group`) keep DeepSpeed's `update_hp_grads` and `clear_hp_grads` (and item 4
+does nothing for them: their hooks write into the buffer during backward).
 """
 
 from __future__ import annotations
@@ -97,12 +106,44 @@ def _accumulates_here(self) -> bool:
             and all(hasattr(self, name) for name in _NEEDED_ATTRIBUTES))
 
 
+def enable_free_grad_sums(optimizer) -> bool:
+    """Turn on item 4 of the module docstring for this BF16_Optimizer; returns False (nothing changed)
+    where its sums are not filled by `update_hp_grads` below."""
+    if not _accumulates_here(optimizer):
+        return False
+    optimizer._free_hp_grads_between_steps = True
+    return True
+
+
+def _release_hp_grads(self) -> None:
+    """After a step: the fp32 gradient buffers' memory back to the allocator (item 4)."""
+    if getattr(self, "_free_hp_grads_between_steps", False):
+        for flat in self.fp32_groups_gradients_flat:
+            flat.untyped_storage().resize_(0)
+
+
+def _restore_hp_grads(self) -> None:
+    """Before the sums are written again: each released buffer gets its memory back (uninitialized)."""
+    for flat in self.fp32_groups_gradients_flat:
+        storage = flat.untyped_storage()
+        needed = (flat.storage_offset() + flat.numel()) * flat.element_size()
+        if storage.nbytes() < needed:
+            storage.resize_(needed)
+
+
+def hp_grads_allocated(optimizer) -> bool:
+    """Whether every fp32 gradient buffer holds its memory now (tests, memory reports)."""
+    return all(flat.untyped_storage().nbytes() > 0 for flat in optimizer.fp32_groups_gradients_flat)
+
+
 @torch.no_grad()
 def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
     """BF16_Optimizer.update_hp_grads with one multi-tensor copy or add per group (module docstring)."""
     if not _accumulates_here(self):  # DeepSpeed's (which returns at once under immediate_grad_update)
         return _ORIGINAL["update_hp_grads"](self, clear_lp_grads=clear_lp_grads)
     stale = getattr(self, "_hp_grads_stale", True)  # first micro-batch since clear_hp_grads
+    if stale:  # every sum below is copied or zeroed before it is read
+        _restore_hp_grads(self)
     for group_index, group in enumerate(self.bf16_groups):
         has_gradient = self.fp32_groups_has_gradients[group_index]
         first_hp, first_lp, sum_hp, sum_lp, no_gradient = [], [], [], [], []
@@ -136,6 +177,7 @@ def clear_hp_grads(self) -> None:
     for index, group in enumerate(self.fp32_groups_gradients):
         self.fp32_groups_has_gradients[index] = [False] * len(group)
     self._hp_grads_stale = True
+    _release_hp_grads(self)
 
 
 def supports_sync_free_step(optimizer) -> bool:
@@ -168,6 +210,7 @@ def step(self, closure=None) -> None:
     if closure is not None:
         raise NotImplementedError(f"{type(self).__name__} does not support closure.")
     if getattr(self, "_hp_grads_stale", False):  # no backward since the last step: every sum is zero
+        _restore_hp_grads(self)
         for flat_gradients in self.fp32_groups_gradients_flat:
             flat_gradients.zero_()
         self._hp_grads_stale = False
@@ -196,8 +239,8 @@ def step(self, closure=None) -> None:
         inner.step()
     finally:
         del inner.found_inf, inner.grad_scale
-    if self.grad_acc_dtype is not torch.float32:
-        for param_partition in self.fp32_groups_flat_partition:
+    if self.grad_acc_dtype is not torch.float32 or getattr(self, "_free_hp_grads_between_steps", False):
+        for param_partition in self.fp32_groups_flat_partition:  # a temporary, or a view about to be freed
             param_partition.grad = None
     self._lazy_init_hp_params_optimizer_state()  # links the optimizer state to the params after step 1
     self.update_lp_params()  # bf16 weights <- fp32 masters (unchanged on a skipped step)

@@ -172,6 +172,32 @@ def _check_precision(args: Any, sources: Mapping[str, str]) -> None:
                             "other block (bf16 needs no loss scaling and is preferred on Ampere or newer).",
                    "bf16", "fp16")
     _check_grad_accum_dtype(args, sources)
+    _check_free_grad_sums(args, sources)
+
+
+def _check_free_grad_sums(args: Any, sources: Mapping[str, str]) -> None:
+    """free_grad_sums_between_steps acts on BF16_Optimizer's own accumulation only."""
+    if not args.precision.free_grad_sums_between_steps:
+        return
+    from megatron.engine.optimizer_kind import offloads_optimizer_to_cpu, optimizer_wrapper, BF16
+
+    zero = args.parallel.zero_optimization
+    model_dtype = ("bf16" if args.precision.bf16.get("enabled") else
+                   "fp16" if args.precision.fp16.get("enabled") else "fp32")
+    accum = args.precision.data_types.get("grad_accum_dtype") or model_dtype
+    wrapper = optimizer_wrapper(zero.get("stage", 0), model_dtype, accum, offloads_optimizer_to_cpu(zero),
+                                max(args.parallel.pipe_parallel_size, 1) > 1)
+    if wrapper != BF16:
+        raise fail(sources, f"free_grad_sums_between_steps: true {{where}} frees the fp32 gradient sums of DeepSpeed's "
+                            f"BF16_Optimizer, but this config gets {wrapper} ({model_dtype} weights, {accum} gradient "
+                            f"sums, ZeRO stage {zero.get('stage', 0)}); it needs bf16: {{enabled: true}}, "
+                            f"data_types: {{grad_accum_dtype: fp32}}, zero_optimization.stage 1 and the optimizer on "
+                            f"the device, or drop the key.", "free_grad_sums_between_steps", "data_types",
+                   "zero_optimization")
+    if args.precision.bf16.get("immediate_grad_update"):
+        raise fail(sources, "free_grad_sums_between_steps: true with bf16.immediate_grad_update {where}: DeepSpeed's "
+                            "hooks add each gradient into the sums during backward, so they must exist then; "
+                            "drop one of the two.", "free_grad_sums_between_steps", "bf16")
 
 
 GRAD_ACCUM_DTYPES = ("fp32", "bf16", "fp16")

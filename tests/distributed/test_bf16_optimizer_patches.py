@@ -14,6 +14,8 @@ accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three 
   `engine.skipped_steps` DeepSpeed's). The step reads nothing from the device: every tensor-to-host
   conversion raises while it runs. On two tensor-parallel ranks (one sharded parameter, different on each
   rank, and replicated ones counted on rank 0 only) its norm and updates match DeepSpeed's the same way.
+- Freed sums (`free_grad_sums_between_steps`): bit for bit the same as kept ones, with both steps; the
+  buffers hold no memory after a step and are back within the next one.
 """
 
 import contextlib
@@ -80,13 +82,15 @@ def _no_host_reads():
 
 
 def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip: float = 1.0, steps: int = 3,
-           nan_step: int | None = None, step_without_backward: bool = False):
+           nan_step: int | None = None, step_without_backward: bool = False, free_sums: bool = False):
     from megatron.engine import bf16_optimizer_patches
 
     bf16_optimizer_patches.install() if ours else bf16_optimizer_patches.uninstall()
     engine = _engine(state, immediate, fused, clip)
+    if free_sums:
+        assert bf16_optimizer_patches.enable_free_grad_sums(engine.optimizer)
     generator = torch.Generator().manual_seed(1)
-    grad_sums, masters, norms = [], [], []
+    grad_sums, masters, norms, allocated = [], [], [], []
     for step in range(steps):
         for micro in range(3):
             x = torch.randn(4, 8, generator=generator)
@@ -100,19 +104,22 @@ def _train(state, ours: bool, immediate: bool = False, fused: bool = False, clip
             boundary = micro == 2 and ours and fused
             with _no_host_reads() if boundary else contextlib.nullcontext():
                 engine.step()
+            if ours:  # (after backward, step) of each micro-batch: do the fp32 sums hold memory?
+                allocated.append(bf16_optimizer_patches.hp_grads_allocated(engine.optimizer))
         masters.append(torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]))
         norms.append(float(engine.get_global_grad_norm()))
     extra = {}
     if step_without_backward:  # the sums must read zero, not the last step's (ours no longer zero-fills them)
         engine.optimizer.step()
-        extra = {"sums_after_step_without_backward": torch.cat(
-            [g.clone() for g in engine.optimizer.fp32_groups_gradients_flat]),
-                 "norm_after_step_without_backward": float(engine.optimizer._global_grad_norm)}
+        extra = {"norm_after_step_without_backward": float(engine.optimizer._global_grad_norm)}
+        if not free_sums:  # (freed sums hold no memory after the step: nothing to read)
+            extra["sums_after_step_without_backward"] = torch.cat(
+                [g.clone() for g in engine.optimizer.fp32_groups_gradients_flat])
     weights = [p.detach().clone() for p in engine.module.parameters()]
     skipped = (bf16_optimizer_patches.nonfinite_steps(engine.optimizer) if ours else 0) + engine.skipped_steps
     bf16_optimizer_patches.uninstall()
     return {"grad_sums": grad_sums, "masters": masters, "weights": weights, "norms": norms, "skipped": skipped,
-            **extra}
+            "allocated": allocated, **extra}
 
 
 def _check_install(rank, world_size):
@@ -205,6 +212,43 @@ def _check_step(rank, world_size):
     return "ok"
 
 
+def _check_free_grad_sums(rank, world_size):
+    """free_grad_sums_between_steps: the same sums, masters and weights bit for bit as keeping them (and as
+    DeepSpeed's with its own step), the buffers empty after every optimizer step and full within one."""
+    import logging
+
+    import deepspeed
+
+    from megatron import mpu
+    from megatron.engine import bf16_optimizer_patches
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    state = mpu.initialize_model_parallel(1)
+    deepspeeds = _train(state, ours=False, steps=4)
+    for fused in (False, True):
+        kept = _train(state, ours=True, fused=fused, steps=4, nan_step=NAN_STEP if fused else None)
+        freed = _train(state, ours=True, fused=fused, steps=4, nan_step=NAN_STEP if fused else None, free_sums=True)
+        for name in ("grad_sums", "masters", "weights"):
+            for index, (g, w) in enumerate(zip(freed[name], kept[name])):  # bitwise; the nan step's sums nan alike
+                torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"{name} [{index}] (fused={fused})")
+        assert freed["norms"][:NAN_STEP] == kept["norms"][:NAN_STEP] and freed["skipped"] == kept["skipped"]
+        # 3 micro-batches a step: held after the first two, handed back after the step at the third
+        assert freed["allocated"] == [True, True, False] * 4, freed["allocated"]
+        assert all(kept["allocated"])
+        if not fused:  # DeepSpeed's own step: the same as DeepSpeed's run with nothing freed
+            for name in ("grad_sums", "masters", "weights"):
+                for g, w in zip(freed[name], deepspeeds[name]):
+                    assert torch.equal(g, w), f"{name} differ from DeepSpeed's"
+    # a step with no backward since the last one re-takes the memory and sees zero sums (norm 0)
+    alone = _train(state, ours=True, fused=True, steps=2, step_without_backward=True, free_sums=True)
+    assert alone["norm_after_step_without_backward"] == 0.0
+    # DeepSpeed's hooks fill the sums during backward: nothing to free
+    bf16_optimizer_patches.install()
+    assert not bf16_optimizer_patches.enable_free_grad_sums(_engine(state, immediate=True, fused=True, clip=1.0).optimizer)
+    bf16_optimizer_patches.uninstall()
+    return "ok"
+
+
 class _ShardedBlock(nn.Module):
     """A replicated linear layer and a parameter marked as a tensor-parallel shard (rank-specific values)."""
 
@@ -282,3 +326,7 @@ def test_sync_free_step_matches_deepspeeds_and_skips_nan_steps():
 def test_sync_free_step_matches_deepspeeds_over_two_tensor_ranks():
     norms_rank0, norms_rank1 = run_distributed(_check_step_tensor_parallel, 2, timeout=300)
     assert norms_rank0 == norms_rank1  # one global norm: both shards and the replicated grads, counted once
+
+
+def test_freed_grad_sums_between_steps_change_nothing_and_hold_no_memory_between_steps():
+    assert run_distributed(_check_free_grad_sums, 1, timeout=300) == ["ok"]

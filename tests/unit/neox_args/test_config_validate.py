@@ -52,6 +52,13 @@ CASES = [
     ({"data_types": {"grad_acc_dtype": "fp32"}}, 1, ["data_types: unknown key(s) ['grad_acc_dtype']"]),
     ({"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"stage": 1}}, 1,
      ["grad_accum_dtype: bf16 with fp32 weights"]),
+    ({"free_grad_sums_between_steps": True}, 1,
+     ["free_grad_sums_between_steps: true", "this config gets torch optimizer", "grad_accum_dtype: fp32"]),
+    ({"free_grad_sums_between_steps": True, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
+      "data_types": {"grad_accum_dtype": "fp32"}}, 1, ["this config gets DeepSpeedZeroOptimizer", "ZeRO stage 2"]),
+    ({"free_grad_sums_between_steps": True, "bf16": {"enabled": True, "immediate_grad_update": True},
+      "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, 1,
+     ["with bf16.immediate_grad_update", "drop one of the two"]),
     ({"betas": [0.9]}, 1, ["betas: [0.9]", "two numbers"]),
     ({"hidden_dropout": 1.0}, 1, ["hidden_dropout: 1.0"]),
     ({"num_layers": 0}, 1, ["num_layers: 0", "positive integer"]),
@@ -88,6 +95,14 @@ def test_grad_accum_dtype_reaches_the_deepspeed_config_only_when_set(minimal):
     fp32_accum = NeoXArgs.from_dict({**minimal, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
                                      "data_types": {"grad_accum_dtype": "fp32"}}, world_size=1)
     assert fp32_accum.deepspeed_config()["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_free_grad_sums_between_steps_is_accepted_with_bf16_optimizer(minimal):
+    args = NeoXArgs.from_dict({**minimal, "free_grad_sums_between_steps": True, "bf16": {"enabled": True},
+                               "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}},
+                              world_size=1)
+    assert args.precision.free_grad_sums_between_steps
+    assert "free_grad_sums_between_steps" not in args.deepspeed_config()  # ours, not DeepSpeed's
 
 
 def test_valid_edge_cases(minimal):

@@ -36,6 +36,47 @@ def test_device_estimate_matches_the_h200_measurements(size_file, seq, peak_gib)
     assert est.device_bytes / GIB == pytest.approx(peak_gib, rel=0.06)
 
 
+# (size file, vocab, seq, micro-batch, measured peak GiB on one H200, no checkpointing, compiled, bf16, ZeRO-1;
+# docs/measurements/2026-12-01_h200_bench_{llama1B_immediate,llama1B_8k_fa4,1.3B_2k_fa4}_7627004.json and
+# 2026-12-01_h200_bench_410M_defaults_4dd6ce8.json)
+MEASURED_UNCHECKPOINTED = [("llama-1B.yml", 32768, 2048, 8, 39.72), ("llama-1B.yml", 32768, 8192, 2, 40.47),
+                           ("410M.yml", 50277, 2048, 8, 20.69), ("1-3B.yml", 50277, 2048, 12, 63.50)]
+
+
+@pytest.mark.parametrize("size_file, vocab, seq, micro, peak_gib", MEASURED_UNCHECKPOINTED)
+def test_device_estimate_without_checkpointing_matches_the_h200_measurements(size_file, vocab, seq, micro, peak_gib):
+    args = _args(size_file, vocab=vocab, seq_length=seq, max_position_embeddings=seq, torch_compile=True,
+                 checkpoint_activations=False, train_micro_batch_size_per_gpu=micro)
+    assert estimate_memory(args).device_bytes / GIB == pytest.approx(peak_gib, rel=0.04)
+
+
+def test_freed_gradient_sums_count_only_after_backward():
+    """free_grad_sums_between_steps: with one micro-batch per step the fp32 sums (4 P) exist beside the bf16
+    gradients (a P) after backward, never beside a forward's activations; with more micro-batches they live
+    through the later forwards and count in full."""
+    common = dict(vocab=32768, seq_length=2048, max_position_embeddings=2048, torch_compile=True,
+                  checkpoint_activations=False, train_micro_batch_size_per_gpu=8)
+    kept = estimate_memory(_args("llama-1B.yml", **common))
+    freed_args = _args("llama-1B.yml", free_grad_sums_between_steps=True, **common)
+    freed = estimate_memory(freed_args)
+    p = total_params(freed_args.model, freed_args.derived)
+    # activations (~20 GiB) dwarf a P + 4 P (6.2 GiB): the sums add nothing to the peak
+    assert "fp32 gradient sums" not in freed.device and "fp32 gradient sums (after backward only)" not in freed.device
+    assert kept.device_bytes - freed.device_bytes == pytest.approx(4 * p)
+    accumulating = estimate_memory(_args("llama-1B.yml", free_grad_sums_between_steps=True,
+                                         gradient_accumulation_steps=2, **common))
+    assert accumulating.device_bytes == kept.device_bytes
+    # 6.9B at 128k with its inputs on the host: after backward (2 P + 4 P = 38 GiB) is the larger phase
+    long = dict(seq_length=131072, max_position_embeddings=131072, torch_compile=True, checkpoint_in_cpu=True,
+                mlp_chunk_size=16384, free_grad_sums_between_steps=True)
+    big_args = _args("6-9B.yml", **long)
+    big = estimate_memory(big_args)
+    p = total_params(big_args.model, big_args.derived)
+    static = sum(big.device[k] for k in ("weights", "Adam states", "fp32 masters"))
+    assert big.device_bytes == pytest.approx(static + 2 * p + 4 * p)
+    assert big.device_bytes / GIB < 131.0  # below the immediate_grad_update estimate of the shipped file
+
+
 def test_the_killed_offload_runs_are_refused_on_the_h200_host():
     """6.9B with ZeRO-2 + CPU offload was killed by the kernel on the H200's 125 GiB host twice: pinned
     (issue 16's first try) and unpinned (2026-12-01, host use 124.7 GiB when killed, the Adam states not yet
