@@ -69,7 +69,9 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    it, after the next backward. Item 1 writes every sum before anything reads it, so the uninitialized
    memory is never seen. The sums (4 bytes a parameter) then exist only from the end of the step's first
    backward to its optimizer step: not beside the activations of a forward at one micro-batch per step,
-   where the peak usually is. Same values bit for bit.
+   where the peak usually is. Same values bit for bit. Nothing may read the sums between steps then (their
+   views point at a 0-byte storage): nothing in this trainer does; the checkpoint holds masters and Adam
+   states, not gradients.
 
 Optimizers that accumulate in backward hooks (`immediate_grad_update`) or correct expert-parallel gradients
 first (`autoep_folding_tp_group`) keep DeepSpeed's `update_hp_grads` and `clear_hp_grads` (and item 4

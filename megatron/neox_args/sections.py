@@ -327,7 +327,9 @@ class PrecisionArgs:
     allocator after each optimizer step and take it again when the next backward's gradients are added in.
     With one micro-batch per step the sums then never sit beside a forward's activations (the peak of most
     runs): 4.1 GiB less there for a 1.1B model. Same numbers bit for bit. Not with
-    `bf16.immediate_grad_update`, whose hooks write the sums during backward."""
+    `bf16.immediate_grad_update`, whose hooks write the sums during backward. Between steps the sums hold no
+    memory: code of your own that reads them there (e.g. DeepSpeed's `safe_get_full_grad` after `step`)
+    must not run with it."""
 
     communication_data_type: Optional[Literal["fp32", "bf16", "fp16"]] = None
     """dtype in which data-parallel replicas sum their gradients (DeepSpeed's key). None: the model dtype
