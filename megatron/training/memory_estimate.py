@@ -50,8 +50,8 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                      an allowance, not a count
 
 Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
-67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB) in tests/unit/training/test_memory_estimate.py,
-and against the measured CPU memory of a small fp32 model there. The offload growth term comes from the host
+67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB; without checkpointing at 2k: the llama-1B
+shape 39.72, 410M 20.69, 1.3B 63.50 GiB) in tests/unit/training/test_memory_estimate.py, and against the measured CPU memory of a small fp32 model there. The offload growth term comes from the host
 trace of 6.9B at ZeRO-2 with offload_optimizer {device: cpu, pin_memory: false} on one H200 with a 125 GiB
 host (2026-12-01, docs/PERFORMANCE.md): 67 GiB after DeepSpeed's init (masters + fp32 gradients + bf16 buffer
 + baseline, as counted here), +24 GiB (~4 P) during the first backward, then killed at 124.7 GiB while the
