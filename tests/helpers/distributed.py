@@ -63,6 +63,9 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, result_dir: s
                                f"{traceback.format_exc()}") from exc
         with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        # every rank done with its collectives before any tears down: rank 0 hosts the TCP store, and a
+        # rank still talking to it (or to DeepSpeed's shared-memory all-reduce) when it exits can abort
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -85,7 +88,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         except mp.ProcessRaisedException as exc:
             raise AssertionError(f"distributed test {fn.__qualname__} failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:
-            raise AssertionError(f"distributed test {fn.__qualname__}: a rank died: {exc}") from None
+            done = sorted(int(name[4:-4]) for name in os.listdir(result_dir) if name.startswith("rank"))
+            raise AssertionError(f"distributed test {fn.__qualname__}: a rank died: {exc} (ranks that had finished "
+                                 f"their checks and written a result: {done or 'none'})") from None
         finally:
             for proc in context.processes:
                 if proc.is_alive():
