@@ -45,16 +45,23 @@ def build_engine(args, model, device_type: str, parallel):
         # the same gradient sums with one multi-tensor copy or add per micro-batch, and a step that never
         # waits for the device (the skip on a non-finite norm happens inside the fused AdamW kernel)
         bf16_optimizer_patches.install()
-        if args.precision.free_grad_sums_between_steps and not bf16_optimizer_patches.enable_free_grad_sums(
-                engine.optimizer):
-            raise RuntimeError("free_grad_sums_between_steps: this BF16_Optimizer does not fill its gradient sums "
-                               "through megatron/engine/bf16_optimizer_patches.py (immediate_grad_update or "
-                               "expert-parallel folding), so they cannot be freed between steps.")
-        if args.precision.free_grad_sums_between_steps and parallel.rank == 0:
-            gib = sum(f.numel() * f.element_size() for f in engine.optimizer.fp32_groups_gradients_flat) / 2**30
-            print(f"free_grad_sums_between_steps: the fp32 gradient sums ({gib:.2f} GiB per rank) are handed back "
-                  f"after each optimizer step and taken again after the next backward", flush=True)
+        if args.precision.free_grad_sums_between_steps:
+            enable_free_grad_sums(engine.optimizer, parallel.rank)
     return engine
+
+
+def enable_free_grad_sums(optimizer, rank: int) -> None:
+    """free_grad_sums_between_steps on this BF16_Optimizer (the config check lets only those through)."""
+    from megatron.engine import bf16_optimizer_patches
+
+    if not bf16_optimizer_patches.enable_free_grad_sums(optimizer):
+        raise RuntimeError("free_grad_sums_between_steps: this BF16_Optimizer does not fill its gradient sums "
+                           "through megatron/engine/bf16_optimizer_patches.py (immediate_grad_update or "
+                           "expert-parallel folding), so they cannot be freed between steps.")
+    if rank == 0:
+        gib = sum(f.numel() * f.element_size() for f in optimizer.fp32_groups_gradients_flat) / 2**30
+        print(f"free_grad_sums_between_steps: the fp32 gradient sums ({gib:.2f} GiB per rank) are handed back "
+              f"after each optimizer step and taken again after the next backward", flush=True)
 
 
 def skip_allreduce_without_replicas(engine, parallel) -> bool:

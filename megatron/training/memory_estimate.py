@@ -51,12 +51,13 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
 
 Checked against the issue's measurements on one H200 (1.3B, full checkpointing, compiled: 29.4 / 45.5 /
 67.1 GiB peak at 32k / 128k / 256k; 6.9B at 32k, ZeRO-1: 132.2 GiB; without checkpointing at 2k: the llama-1B
-shape 39.72, 410M 20.69, 1.3B 63.50 GiB) in tests/unit/training/test_memory_estimate.py, and against the measured CPU memory of a small fp32 model there. The offload growth term comes from the host
+shape 39.72, 410M 20.69, 1.3B 63.50 GiB) in tests/unit/training/test_memory_estimate.py, and against the
+measured CPU memory of a small fp32 model there (static terms: 205 vs 195 MiB; one layer's saved activations:
+within 2% of `layer_activation_elements` for four layer shapes). The offload growth term comes from the host
 trace of 6.9B at ZeRO-2 with offload_optimizer {device: cpu, pin_memory: false} on one H200 with a 125 GiB
 host (2026-12-01, docs/PERFORMANCE.md): 67 GiB after DeepSpeed's init (masters + fp32 gradients + bf16 buffer
 + baseline, as counted here), +24 GiB (~4 P) during the first backward, then killed at 124.7 GiB while the
-Adam states (8 P = 51 GiB) were being written; without the term this estimate said 119 GiB and let it start (static terms: 205 vs 195 MiB; one layer's saved
-activations: within 2% of `layer_activation_elements` for four layer shapes).
+Adam states (8 P = 51 GiB) were being written; without the term this estimate said 119 GiB and let it start.
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     ffn = derived.intermediate_size / h
     from megatron.neox_args.derive import GATED_ACTIVATIONS
 
-    kept_when_compiled = 0.0 if checkpointed else 1.0  # (measured, see the docstring)
-    if model.activation in GATED_ACTIVATIONS:  # gate and up; act(gate) and the product unless recomputed
-        per_ffn = 2.0 + kept_when_compiled if compiled else 4.0 - (1.0 if "mlp_act" in recompute_modules else 0.0)
-    else:  # fc1's output; the activation's output unless recomputed
-        per_ffn = 1.0 + kept_when_compiled if compiled else 1.0 if "mlp_act" in recompute_modules else 2.0
+    gated = model.activation in GATED_ACTIVATIONS
+    if compiled:  # gate and up (gated) or fc1's output; one ffn-wide tensor more without a checkpoint (measured)
+        per_ffn = (2.0 if gated else 1.0) + (0.0 if checkpointed else 1.0)
+    else:  # the same plus act(gate) and the product, or the activation's output, unless recomputed
+        per_ffn = (4.0 if gated else 2.0) - (1.0 if "mlp_act" in recompute_modules else 0.0)
     mlp = per_ffn * ffn / tp
     if model.mlp_chunk_size is not None:
         s_local = model.seq_length / (tp if sequence_parallel else 1)
@@ -257,12 +258,12 @@ def check_memory(args, est: MemoryEstimate, device_free: float | None, host_avai
                  ranks_per_host: int = 1) -> None:
     """Raise ConfigError when the estimate exceeds the device's free memory or the host's available
     memory (shared by `ranks_per_host` ranks). None capacities are not checked."""
-    hint = ("Levers: checkpoint_activations (and checkpoint_num_layers 1), mlp_chunk_size, checkpoint_in_cpu, "
-            "zero_optimization stage 2 with offload_optimizer {device: cpu} (pin_memory: false uses less host "
-            "memory), model_parallel_size with sequence_parallel, a shorter seq_length or micro-batch; "
-            "memory_check: false skips this check.")
-    if "bf16 gradients before their fold" in est.device:
-        hint = "Levers: bf16: {immediate_grad_update: true} (frees each bf16 gradient as it is produced), " + hint[8:]
+    first = ("bf16: {immediate_grad_update: true} (frees each bf16 gradient as it is produced), "
+             if "bf16 gradients before their fold" in est.device else "")
+    hint = (f"Levers: {first}checkpoint_activations (and checkpoint_num_layers 1), mlp_chunk_size, "
+            "checkpoint_in_cpu, zero_optimization stage 2 with offload_optimizer {device: cpu} (pin_memory: false "
+            "uses less host memory), model_parallel_size with sequence_parallel, a shorter seq_length or "
+            "micro-batch; memory_check: false skips this check.")
     if device_free is not None and est.device_bytes > device_free:
         raise ConfigError(
             f"memory_check: this run needs about {est.device_bytes / GIB:.1f} GiB of device memory per rank but "

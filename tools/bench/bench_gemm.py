@@ -32,6 +32,15 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench_args(size: str, seq: int, micro_batch: int, device: str):
+    """The resolved NeoXArgs of `size` at seq x micro-batch, as the throughput bench builds them."""
+    from bench_config import build_neox_args, vocab_for
+
+    return build_neox_args({"size": size, "device": device, "seq": seq, "micro_batch": micro_batch, "warmup": 0,
+                            "steps": 1, "grad_accum": 1, "overrides": {}, "cache_dir": "/tmp/neox_bench",
+                            "data_prefix": "data/bundled/pystdlib_text_document", "vocab": vocab_for(size)})
+
+
 def linear_weights(args) -> list[tuple[str, int, int]]:
     """(kind, in, out) of every weight matrix the model multiplies by, from a model built on the meta device.
     `kind` is the module name with layer numbers dropped (`layers.linear_qkv`, `output_layer`)."""
@@ -177,15 +186,10 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     import torch
 
-    from bench_config import build_neox_args, vocab_for
-
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reports = {}
     for size in [s for s in opts.sizes.split(",") if s]:
-        spec = {"size": size, "device": device.type, "seq": opts.seq, "micro_batch": opts.micro_batch,
-                "warmup": 0, "steps": 1, "grad_accum": 1, "overrides": {}, "cache_dir": "/tmp/neox_bench",
-                "data_prefix": "data/bundled/pystdlib_text_document", "vocab": vocab_for(size)}
-        args = build_neox_args(spec)
+        args = bench_args(size, opts.seq, opts.micro_batch, device.type)
         report = floor_report(args, opts.micro_batch, opts.seq, opts.warmup, opts.iters, opts.attention, device)
         reports[size] = report
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

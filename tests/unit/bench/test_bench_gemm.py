@@ -9,15 +9,12 @@ import pytest
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "bench")))
 
 import bench_gemm  # noqa: E402
-from bench_config import build_neox_args, vocab_for  # noqa: E402
 
 from megatron.training.metrics import count_non_embedding_params  # noqa: E402
 
 
 def _args(size, seq=64, micro_batch=2):
-    return build_neox_args({"size": size, "device": "cpu", "seq": seq, "micro_batch": micro_batch, "warmup": 0,
-                            "steps": 1, "grad_accum": 1, "overrides": {}, "cache_dir": "/tmp/neox_bench",
-                            "data_prefix": "data/bundled/pystdlib_text_document", "vocab": vocab_for(size)})
+    return bench_gemm.bench_args(size, seq, micro_batch, "cpu")
 
 
 @pytest.mark.parametrize("size, vectors_per_layer, final", [
