@@ -45,23 +45,28 @@ def build_engine(args, model, device_type: str, parallel):
         # the same gradient sums with one multi-tensor copy or add per micro-batch, and a step that never
         # waits for the device (the skip on a non-finite norm happens inside the fused AdamW kernel)
         bf16_optimizer_patches.install()
-        if args.precision.free_grad_sums_between_steps:
-            enable_free_grad_sums(engine.optimizer, parallel.rank)
+        if args.derived.free_grad_sums:
+            enable_free_grad_sums(engine.optimizer, parallel.rank,
+                                  chosen=args.precision.free_grad_sums_between_steps is None)
     return engine
 
 
-def enable_free_grad_sums(optimizer, rank: int) -> None:
-    """free_grad_sums_between_steps on this BF16_Optimizer (the config check lets only those through)."""
+def enable_free_grad_sums(optimizer, rank: int, chosen: bool = False) -> None:
+    """free_grad_sums_between_steps on this BF16_Optimizer (the config check and derive let only those
+    through); `chosen`: the key was unset and resolved to on (the start-up line says how to turn it off)."""
     from megatron.engine import bf16_optimizer_patches
 
     if not bf16_optimizer_patches.enable_free_grad_sums(optimizer):
         raise RuntimeError("free_grad_sums_between_steps: this BF16_Optimizer does not fill its gradient sums "
                            "through megatron/engine/bf16_optimizer_patches.py (immediate_grad_update or "
-                           "expert-parallel folding), so they cannot be freed between steps.")
+                           "expert-parallel folding), so they cannot be freed between steps; set "
+                           "free_grad_sums_between_steps: false.")
     if rank == 0:
         gib = sum(f.numel() * f.element_size() for f in optimizer.fp32_groups_gradients_flat) / 2**30
+        why = (" (unset: on at one micro-batch per step; set free_grad_sums_between_steps: false to keep them)"
+               if chosen else "")
         print(f"free_grad_sums_between_steps: the fp32 gradient sums ({gib:.2f} GiB per rank) are handed back "
-              f"after each optimizer step and taken again after the next backward", flush=True)
+              f"after each optimizer step and taken again after the next backward{why}", flush=True)
 
 
 def skip_allreduce_without_replicas(engine, parallel) -> bool:

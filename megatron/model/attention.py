@@ -76,6 +76,7 @@ class ParallelSelfAttention(nn.Module):
         self.attention_impl = model.attention_impl
         self.sdpa_backend = model.sdpa_backend
         self.window = model.sliding_window_width
+        self.sequence_parallel = parallel.sequence_parallel
         self.recompute_core = False  # set by GPTModel for recompute_modules: [core_attn]
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
@@ -138,9 +139,19 @@ class ParallelSelfAttention(nn.Module):
         return core(q, k, v)
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
-        """The attention output `[s, b, local_heads, d]` -> `[s, b, h]` (or `[s/tp, b, h]` under SP)."""
+        """The attention output `[s, b, local_heads, d]` -> `[s, b, h]` (or `[s/tp, b, h]` under SP).
+
+        A kernel that writes its output batch-major (FlashAttention-4: `[b, s, heads, d]` memory, handed
+        back as an `[s, b, ...]` view) is projected in that order: the `[s, b]` reshape would copy it, and
+        the projection would keep that copy for its weight gradient beside the kernel's own saved output
+        (llama-1B at 8192 x 2: 64 MiB a layer). The rows of a GEMM are independent, so the result is the
+        same; without SP the reduction over tensor ranks is elementwise and cares for no order either."""
         s, b = out.shape[:2]
-        return self.linear_proj(out.reshape(s, b, self.num_local_heads * self.head_dim))
+        width = self.num_local_heads * self.head_dim
+        if b > 1 and not self.sequence_parallel and out.transpose(0, 1).is_contiguous():
+            batch_major = self.linear_proj(out.transpose(0, 1).reshape(b, s, width))  # [b, s, h]
+            return batch_major.transpose(0, 1)  # [s, b, h] view
+        return self.linear_proj(out.reshape(s, b, width))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:

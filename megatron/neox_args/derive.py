@@ -76,6 +76,35 @@ def resolve_precision(precision: PrecisionArgs) -> str:
     return "fp32"
 
 
+def bf16_optimizer_sums(precision: PrecisionArgs, parallel: ParallelArgs) -> tuple[str, str, str]:
+    """(wrapper, weights dtype, gradient-sum dtype): the optimizer wrapper DeepSpeed builds for these
+    settings (megatron/engine/optimizer_kind.py) and the dtypes that chose it."""
+    from megatron.engine.optimizer_kind import offloads_optimizer_to_cpu, optimizer_wrapper
+
+    zero = parallel.zero_optimization
+    weights = resolve_precision(precision)
+    sums = precision.data_types.get("grad_accum_dtype") or weights
+    wrapper = optimizer_wrapper(zero.get("stage", 0), weights, sums, offloads_optimizer_to_cpu(zero),
+                                max(parallel.pipe_parallel_size, 1) > 1)
+    return wrapper, weights, sums
+
+
+def resolve_free_grad_sums(precision: PrecisionArgs, parallel: ParallelArgs, grad_acc: int) -> bool:
+    """free_grad_sums_between_steps resolved: a value the user wrote (the config check refused `true` where
+    it cannot act), else on where it lowers the peak: BF16_Optimizer's sums filled by our patches (no
+    `bf16.immediate_grad_update`), one micro-batch per step, no pipeline (whose engine was not measured)."""
+    if precision.free_grad_sums_between_steps is not None:
+        return precision.free_grad_sums_between_steps
+    from megatron.engine.optimizer_kind import BF16
+
+    try:
+        wrapper = bf16_optimizer_sums(precision, parallel)[0]
+    except ValueError:  # no wrapper for this mix: the config check names it
+        return False
+    return (wrapper == BF16 and not precision.bf16.get("immediate_grad_update") and grad_acc == 1
+            and max(parallel.pipe_parallel_size, 1) == 1)
+
+
 def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, model_parallel_size: int) -> int:
     """Round vocab_size up to a multiple of make_vocab_size_divisible_by * model_parallel_size."""
     multiple = make_vocab_size_divisible_by * model_parallel_size
@@ -157,6 +186,7 @@ def derive(model: ModelArgs, parallel: ParallelArgs, lr: LRArgs, precision: Prec
         lr_decay_iters=decay_iters,
         warmup_iters=round(lr.warmup * decay_iters),
         precision=resolve_precision(precision),
+        free_grad_sums=resolve_free_grad_sums(precision, parallel, acc),
     )
     if vocab_size is not None:
         derived.vocab_size = vocab_size

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron.neox_args.derive import GATED_ACTIVATIONS, mlp_widths, resolve_intermediate_size, resolve_num_kv_heads
+from megatron.neox_args.derive import (GATED_ACTIVATIONS, bf16_optimizer_sums, mlp_widths, resolve_intermediate_size,
+                                      resolve_num_kv_heads, resolve_precision)
 from megatron.neox_args.errors import ConfigError, where
 from megatron.neox_args.validate_long_seq import check_long_seq
 
@@ -175,22 +176,15 @@ def _check_precision(args: Any, sources: Mapping[str, str]) -> None:
     _check_free_grad_sums(args, sources)
 
 
-def _weights_dtype(args: Any) -> str:
-    """"bf16", "fp16" or "fp32", from the bf16/fp16 blocks (before the derived values exist)."""
-    return "bf16" if args.precision.bf16.get("enabled") else "fp16" if args.precision.fp16.get("enabled") else "fp32"
-
-
 def _check_free_grad_sums(args: Any, sources: Mapping[str, str]) -> None:
-    """free_grad_sums_between_steps acts on BF16_Optimizer's own accumulation only."""
-    if not args.precision.free_grad_sums_between_steps:
+    """free_grad_sums_between_steps: true acts on BF16_Optimizer's own accumulation only (null resolves to
+    off elsewhere, derive.resolve_free_grad_sums)."""
+    if args.precision.free_grad_sums_between_steps is not True:
         return
-    from megatron.engine.optimizer_kind import offloads_optimizer_to_cpu, optimizer_wrapper, BF16
+    from megatron.engine.optimizer_kind import BF16
 
     zero = args.parallel.zero_optimization
-    model_dtype = _weights_dtype(args)
-    accum = args.precision.data_types.get("grad_accum_dtype") or model_dtype
-    wrapper = optimizer_wrapper(zero.get("stage", 0), model_dtype, accum, offloads_optimizer_to_cpu(zero),
-                                max(args.parallel.pipe_parallel_size, 1) > 1)
+    wrapper, model_dtype, accum = bf16_optimizer_sums(args.precision, args.parallel)
     if wrapper != BF16:
         raise fail(sources, f"free_grad_sums_between_steps: true {{where}} frees the fp32 gradient sums of DeepSpeed's "
                             f"BF16_Optimizer, but this config gets {wrapper} ({model_dtype} weights, {accum} gradient "
@@ -219,7 +213,7 @@ def _check_grad_accum_dtype(args: Any, sources: Mapping[str, str]) -> None:
     if accum not in GRAD_ACCUM_DTYPES:
         raise fail(sources, f"data_types.grad_accum_dtype: {accum!r} must be one of {', '.join(GRAD_ACCUM_DTYPES)} "
                             f"{{where}}.", "data_types")
-    model_dtype = _weights_dtype(args)
+    model_dtype = resolve_precision(args.precision)
     stage = args.parallel.zero_optimization.get("stage", 0)
     if accum != model_dtype and stage == 0:
         raise fail(sources, f"data_types.grad_accum_dtype: {accum} with {model_dtype} weights needs ZeRO stage >= 1 "

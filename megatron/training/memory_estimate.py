@@ -19,7 +19,8 @@ size d, compute dtype of a bytes (2 in bf16/fp16, 4 in fp32):
                      sums after it). By then the checkpointed inputs and the head's activations are
                      freed, so only what a P exceeds those by adds to the peak; with
                      bf16.immediate_grad_update each is added as it is produced and freed, and nothing is
-                     added. With free_grad_sums_between_steps and one micro-batch per step the 4 P of
+                     added. With free_grad_sums_between_steps (on by default at one micro-batch per
+                     step: derive.resolve_free_grad_sums) and one micro-batch per step the 4 P of
                      sums exist only after backward, beside the a P of bf16 gradients but no activations:
                      they add only what a P + 4 P exceeds the activation terms by
   fp32 masters       4 P / d (bf16/fp16 only)       } on the host with offload_optimizer.device cpu,
@@ -231,7 +232,7 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
         freed = dev.get("checkpointed inputs", 0.0) + dev.get("layer activations", 0.0) + dev["head and loss"]
         if a * p > freed:
             dev["bf16 gradients before their fold"] = a * p - freed
-        if args.precision.free_grad_sums_between_steps and derived.gradient_accumulation_steps == 1:
+        if derived.free_grad_sums and derived.gradient_accumulation_steps == 1:
             # the sums exist only from the fold after backward (every activation freed, every bf16
             # gradient alive) to the step: the peak is the larger of the two phases
             sums = dev.pop("fp32 gradient sums")

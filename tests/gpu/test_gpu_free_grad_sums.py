@@ -3,6 +3,7 @@ BF16_Optimizer (bf16 weights, fp32 gradient sums, ZeRO 1, one NCCL rank, fused A
 with the sums kept, and the memory allocated during a forward is lower by the sums' bytes (their storage is
 handed back to the caching allocator after each step, retaken at the next fold)."""
 
+import gc
 import logging
 import os
 
@@ -35,6 +36,9 @@ def _train(free: bool, steps: int = 3):
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     bf16_optimizer_patches.install()
+    gc.collect()  # an earlier run's engine (reference cycles) is gone before this one is measured
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
     torch.manual_seed(0)
     width = 2048  # 4 x 2048^2 weights: 16.8 M parameters, 64 MiB of fp32 sums
     module = nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(4))).cuda()
@@ -55,14 +59,16 @@ def _train(free: bool, steps: int = 3):
         torch.cuda.reset_peak_memory_stats()
         loss = engine(x).float().pow(2).mean()
         torch.cuda.synchronize()
-        forward_peaks.append(torch.cuda.max_memory_allocated())
+        forward_peaks.append(torch.cuda.max_memory_allocated() - start)
         engine.backward(loss)
         engine.step()
         allocated = bf16_optimizer_patches.hp_grads_allocated(engine.optimizer)
         assert allocated != free, f"after a step the sums {'hold' if allocated else 'lack'} memory (free={free})"
-    masters = torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])
+    masters = torch.cat([p.detach().cpu() for p in engine.optimizer.fp32_groups_flat_partition])  # off the GPU:
+    # the next run's memory must not count them
     bf16_optimizer_patches.uninstall()
     del engine, optimizer, module
+    gc.collect()
     torch.cuda.empty_cache()
     return masters, forward_peaks, sums_bytes
 

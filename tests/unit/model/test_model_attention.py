@@ -95,3 +95,36 @@ def test_bad_head_counts_are_errors():
     model, derived = make_args(num_kv_heads=3)
     with pytest.raises(ValueError, match="divisible by num_kv_heads"):
         ParallelSelfAttention(model, derived, ParallelState.single())
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_batch_major_output_is_projected_without_a_copy(use_bias):
+    """A kernel output laid out `[b, s, heads, d]` (FlashAttention-4's, handed back as an `[s, b, ...]` view) is
+    projected in that order: the same result as projecting a `[s, b]` copy, and the projection keeps the
+    kernel's own tensor for its weight gradient, not a second copy of it."""
+    model, derived = make_args(num_kv_heads=4, use_bias_in_attn_linear=use_bias)
+    torch.manual_seed(0)
+    attn = ParallelSelfAttention(model, derived, ParallelState.single())
+    s, b = 7, 3
+    batch_major = torch.randn(b, s, attn.num_local_heads, attn.head_dim, requires_grad=True)
+    out = batch_major.transpose(0, 1)  # [s, b, heads, d] view, as fa4_attention returns it
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = attn.project(out)
+    expected = attn.project(out.contiguous())  # the [s, b] path: a copy of the rows in that order
+    assert got.shape == expected.shape == (s, b, model.hidden_size)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    weight_storage = attn.linear_proj.weight.untyped_storage().data_ptr()
+    kept_inputs = [t for t in saved if t.untyped_storage().data_ptr() != weight_storage]
+    assert kept_inputs and all(t.untyped_storage().data_ptr() == batch_major.untyped_storage().data_ptr()
+                               for t in kept_inputs)
+    (got.square().sum()).backward()
+    grad_fast = (batch_major.grad.clone(), attn.linear_proj.weight.grad.clone())
+    batch_major.grad, attn.linear_proj.weight.grad = None, None
+    attn.project(batch_major.detach().transpose(0, 1).contiguous().requires_grad_()).square().sum().backward()
+    torch.testing.assert_close(attn.linear_proj.weight.grad, grad_fast[1], atol=1e-5, rtol=1e-5)

@@ -104,3 +104,30 @@ def test_derived_values_never_enter_user_sections():
     flat = args.to_dict()
     assert flat["num_kv_heads"] is None and flat["derived"]["num_kv_heads"] == 4
     assert flat["derived"]["padded_vocab_size"] == 384 and "padded_vocab_size" not in flat
+
+
+BF16_SUMS = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}
+
+
+@pytest.mark.parametrize("overrides, world_size, expected", [
+    # unset: on exactly where BF16_Optimizer fills its sums itself at one micro-batch per step, no pipeline
+    ({}, 1, True),
+    ({"gradient_accumulation_steps": 2}, 1, False),  # the sums live through the later forwards anyway
+    ({"bf16": {"enabled": True, "immediate_grad_update": True}}, 1, False),  # DeepSpeed's hooks need them
+    ({"data_types": {}}, 1, False),  # bf16 sums: DeepSpeed's ZeRO optimizer, not BF16_Optimizer
+    ({"zero_optimization": {"stage": 2}}, 1, False),
+    ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, 1, False),
+    ({"pipe_parallel_size": 2}, 2, False),
+    # a value the user wrote is kept
+    ({"free_grad_sums_between_steps": False}, 1, False),
+    ({"free_grad_sums_between_steps": True, "gradient_accumulation_steps": 2}, 1, True),
+])
+def test_free_grad_sums_resolution(overrides, world_size, expected):
+    args = NeoXArgs.from_dict({**DATA, "train_micro_batch_size_per_gpu": 2, **BF16_SUMS, **overrides},
+                              world_size=world_size)
+    assert args.derived.free_grad_sums is expected
+    assert args.precision.free_grad_sums_between_steps == overrides.get("free_grad_sums_between_steps")
+
+
+def test_free_grad_sums_stay_off_without_bf16():
+    assert not NeoXArgs.from_dict({**DATA, "train_micro_batch_size_per_gpu": 2}, world_size=1).derived.free_grad_sums

@@ -31,7 +31,8 @@ MEASURED = [("1-3B.yml", 32768, 29.4), ("1-3B.yml", 131072, 45.5), ("1-3B.yml", 
 
 @pytest.mark.parametrize("size_file, seq, peak_gib", MEASURED)
 def test_device_estimate_matches_the_h200_measurements(size_file, seq, peak_gib):
-    args = _args(size_file, seq_length=seq, max_position_embeddings=seq, torch_compile=True)
+    args = _args(size_file, seq_length=seq, max_position_embeddings=seq, torch_compile=True,
+                 free_grad_sums_between_steps=False)  # measured with the sums kept
     est = estimate_memory(args)
     assert est.device_bytes / GIB == pytest.approx(peak_gib, rel=0.06)
 
@@ -46,7 +47,22 @@ MEASURED_UNCHECKPOINTED = [("llama-1B.yml", 32768, 2048, 8, 39.72), ("llama-1B.y
 @pytest.mark.parametrize("size_file, vocab, seq, micro, peak_gib", MEASURED_UNCHECKPOINTED)
 def test_device_estimate_without_checkpointing_matches_the_h200_measurements(size_file, vocab, seq, micro, peak_gib):
     args = _args(size_file, vocab=vocab, seq_length=seq, max_position_embeddings=seq, torch_compile=True,
+                 checkpoint_activations=False, train_micro_batch_size_per_gpu=micro,
+                 free_grad_sums_between_steps=False)  # measured with the sums kept
+    assert estimate_memory(args).device_bytes / GIB == pytest.approx(peak_gib, rel=0.04)
+
+
+# the same runs with the sums freed between steps, as the size files now get by default (one H200,
+# commit 5ca973c, docs/measurements/2026-12-01_h200_bench_*_freed_5ca973c.json, "freed" rows)
+MEASURED_FREED = [("llama-1B.yml", 32768, 2048, 8, 35.60), ("llama-1B.yml", 32768, 8192, 2, 36.35),
+                  ("410M.yml", 50277, 2048, 8, 19.18), ("1-3B.yml", 50277, 2048, 12, 58.23)]
+
+
+@pytest.mark.parametrize("size_file, vocab, seq, micro, peak_gib", MEASURED_FREED)
+def test_device_estimate_with_freed_sums_matches_the_h200_measurements(size_file, vocab, seq, micro, peak_gib):
+    args = _args(size_file, vocab=vocab, seq_length=seq, max_position_embeddings=seq, torch_compile=True,
                  checkpoint_activations=False, train_micro_batch_size_per_gpu=micro)
+    assert args.derived.free_grad_sums  # unset: on at one micro-batch per step
     assert estimate_memory(args).device_bytes / GIB == pytest.approx(peak_gib, rel=0.04)
 
 
@@ -56,7 +72,7 @@ def test_freed_gradient_sums_count_only_after_backward():
     through the later forwards and count in full."""
     common = dict(vocab=32768, seq_length=2048, max_position_embeddings=2048, torch_compile=True,
                   checkpoint_activations=False, train_micro_batch_size_per_gpu=8)
-    kept = estimate_memory(_args("llama-1B.yml", **common))
+    kept = estimate_memory(_args("llama-1B.yml", free_grad_sums_between_steps=False, **common))
     freed_args = _args("llama-1B.yml", free_grad_sums_between_steps=True, **common)
     freed = estimate_memory(freed_args)
     p = total_params(freed_args.model, freed_args.derived)
@@ -214,7 +230,7 @@ def test_bf16_gradients_alive_at_the_end_of_backward_unless_folded_as_produced()
     139 GiB H200) against 131.0 with immediate_grad_update (configs/long_seq/6-9B-128k.yml)."""
     common = dict(seq_length=131072, max_position_embeddings=131072, torch_compile=True, checkpoint_in_cpu=True,
                   mlp_chunk_size=16384)
-    late = _args("6-9B.yml", **common)
+    late = _args("6-9B.yml", free_grad_sums_between_steps=False, **common)  # the sums kept through the step
     folded = _args("6-9B.yml", bf16={"enabled": True, "immediate_grad_update": True}, **common)
     est_late, est_folded = estimate_memory(late), estimate_memory(folded)
     p = total_params(late.model, late.derived)
@@ -225,5 +241,6 @@ def test_bf16_gradients_alive_at_the_end_of_backward_unless_folded_as_produced()
         check_memory(late, est_late, device_free=139 * GIB, host_available=None)
     check_memory(folded, est_folded, device_free=139 * GIB, host_available=None)
     # with the inputs on the device they are freed by the end of backward and cover the bf16 gradients of 1.3B
-    small = _args("1-3B.yml", seq_length=32768, max_position_embeddings=32768, torch_compile=True)
+    small = _args("1-3B.yml", seq_length=32768, max_position_embeddings=32768, torch_compile=True,
+                  free_grad_sums_between_steps=False)
     assert "bf16 gradients before their fold" not in estimate_memory(small).device
