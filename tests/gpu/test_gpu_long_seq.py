@@ -12,6 +12,8 @@ The FA4 tests need the flash-attn-4 wheels (see /work/shared/gpu/make-cute-wheel
 fail with the install hint rather than pass silently.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -136,6 +138,7 @@ def test_offloaded_checkpoint_on_cuda_is_bitwise_and_frees_device_memory():
     for offload in (False, True):
         model = _tiny_model(checkpoint_activations=True, checkpoint_in_cpu=offload)
         model_parallel_seed(1, ParallelState.single())
+        gc.collect()  # an earlier model's tensors (reference cycles) are freed now, not during this forward
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         loss = model(tokens, tokens)
@@ -196,6 +199,7 @@ def test_keep_attention_checkpoint_matches_plain_checkpoint_and_holds_the_attent
         model = _tiny_model(attention_impl=impl, checkpoint_activations=True, checkpoint_keep_attention=keep,
                             torch_compile=True)
         model_parallel_seed(1, ParallelState.single())
+        gc.collect()  # an earlier model's tensors (reference cycles) are freed now, not during this forward
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         loss = model(tokens, tokens)
