@@ -14,8 +14,9 @@ accumulation, ZeRO 1, one gloo rank, AdamW, three micro-batches per step, three 
   `engine.skipped_steps` DeepSpeed's). The step reads nothing from the device: every tensor-to-host
   conversion raises while it runs. On two tensor-parallel ranks (one sharded parameter, different on each
   rank, and replicated ones counted on rank 0 only) its norm and updates match DeepSpeed's the same way.
-- Freed sums (`free_grad_sums_between_steps`): bit for bit the same as kept ones, with both steps; the
-  buffers hold no memory after a step and are back within the next one.
+- Freed sums (`free_grad_sums_between_steps`): bit for bit the same as kept ones, with both steps, on one
+  rank and on two data-parallel ranks (each rank's partition views retaken with the buffer); the buffers
+  hold no memory after a step and are back within the next one.
 """
 
 import contextlib
@@ -168,9 +169,14 @@ def _check_data_parallel(rank, world_size):
     assert state.dp_size == 2
     want = _train(state, ours=False)
     got = _train(state, ours=True)
+    # the sums freed between steps (the default at one micro-batch per step): each rank's partition views
+    # of the flat buffer are retaken with it, so the reduced sums and the sharded step are the same
+    freed = _train(state, ours=True, free_sums=True)
+    assert freed["allocated"] == [True, True, False] * (len(freed["allocated"]) // 3), freed["allocated"]
     for name in ("grad_sums", "masters", "weights"):
-        for index, (g, w) in enumerate(zip(got[name], want[name])):
+        for index, (g, w, f) in enumerate(zip(got[name], want[name], freed[name])):
             assert torch.equal(g, w), f"rank {rank}: {name} [{index}] differ"
+            assert torch.equal(f, w), f"rank {rank}: {name} [{index}] differ with the sums freed"
     return "ok"
 
 
@@ -315,7 +321,7 @@ def test_bf16_optimizer_accumulation_is_bitwise_deepspeeds():
     assert run_distributed(_check_accumulation, 1, timeout=300) == ["ok"]
 
 
-def test_bf16_optimizer_accumulation_with_two_replicas_is_bitwise_deepspeeds():
+def test_bf16_optimizer_accumulation_with_two_replicas_is_bitwise_deepspeeds_also_with_freed_sums():
     assert run_distributed(_check_data_parallel, 2, timeout=300) == ["ok", "ok"]
 
 
