@@ -129,22 +129,29 @@ def _tiny_model(**overrides):
     return GPTModel(model, derived, ParallelState.single(), precision="bf16", **kwargs).cuda()
 
 
-def test_offloaded_checkpoint_on_cuda_is_bitwise_and_frees_device_memory():
+def _forward_holding(model, tokens):
+    """(loss, bytes the forward left allocated) of `model(tokens, tokens)`, seeded as a run would be. An
+    earlier model's tensors (reference cycles) are collected first, so they are not freed during this forward
+    and counted against it."""
     from megatron.mpu.initialize import ParallelState
     from megatron.mpu.random import model_parallel_seed
 
+    model_parallel_seed(1, ParallelState.single())
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    loss = model(tokens, tokens)
+    torch.cuda.synchronize()
+    torch.empty(1, device="cuda")  # lets the allocator retire blocks freed after side-stream use
+    return loss, torch.cuda.memory_allocated() - base
+
+
+def test_offloaded_checkpoint_on_cuda_is_bitwise_and_frees_device_memory():
     tokens = torch.randint(0, 512, (1, 4096), device="cuda")
     results = {}
     for offload in (False, True):
         model = _tiny_model(checkpoint_activations=True, checkpoint_in_cpu=offload)
-        model_parallel_seed(1, ParallelState.single())
-        gc.collect()  # an earlier model's tensors (reference cycles) are freed now, not during this forward
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        loss = model(tokens, tokens)
-        torch.cuda.synchronize()
-        torch.empty(1, device="cuda")  # lets the allocator retire blocks freed after side-stream use
-        after_forward = torch.cuda.memory_allocated() - base
+        loss, after_forward = _forward_holding(model, tokens)
         loss.backward()
         results[offload] = (loss.detach(), [p.grad.clone() for p in model.parameters()], after_forward)
         del model, loss
@@ -189,8 +196,6 @@ def test_keep_attention_checkpoint_matches_plain_checkpoint_and_holds_the_attent
     against the estimate's 48.2.)"""
     if impl == "fa4":
         _need_fa4()
-    from megatron.mpu.initialize import ParallelState
-    from megatron.mpu.random import model_parallel_seed
     from megatron.training.memory_estimate import kept_attention_bytes
 
     tokens = torch.randint(0, 512, (1, 4096), device="cuda")
@@ -198,13 +203,7 @@ def test_keep_attention_checkpoint_matches_plain_checkpoint_and_holds_the_attent
     for keep in (False, True):
         model = _tiny_model(attention_impl=impl, checkpoint_activations=True, checkpoint_keep_attention=keep,
                             torch_compile=True)
-        model_parallel_seed(1, ParallelState.single())
-        gc.collect()  # an earlier model's tensors (reference cycles) are freed now, not during this forward
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        loss = model(tokens, tokens)
-        torch.cuda.synchronize()
-        after_forward = torch.cuda.memory_allocated() - base
+        loss, after_forward = _forward_holding(model, tokens)
         loss.backward()
         results[keep] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]),
                          after_forward)
