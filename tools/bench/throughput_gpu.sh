@@ -43,8 +43,13 @@ case "$stage" in
     $G --sizes llama-1B --seq 8192 --micro-batch 2 --out "$OUT/gemm_llama1B_8k.json" | tail -3
     $G --sizes 410M --seq 2048 --micro-batch 8 --out "$OUT/gemm_410M.json" | tail -3
     $G --sizes 1.3B --seq 2048 --micro-batch 12 --out "$OUT/gemm_1.3B.json" | tail -3 ;;
+  mlp-epilogue)   # ~3 min, needs .cute-* (two commands, as for FA4): quack's activation-fused GEMM epilogues
+    # against cuBLAS + one compiled elementwise kernel, per MLP layer (the fusion lever's first measurement)
+    setup; E="python3 tools/bench/bench_mlp_epilogue.py --fused"
+    $E --sizes 410M,llama-1B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_mb8.json"
+    $E --sizes 1.3B --seq 2048 --micro-batch 12 --out "$OUT/mlp_epilogue_1.3B.json" ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue gpu-tests" ;;
 esac

@@ -1,0 +1,211 @@
+"""The MLP's activation fused into its GEMMs' epilogues (quack-kernels, CuTe DSL) against cuBLAS plus a
+separate elementwise kernel: the first measurement the fusion lever of issue 15 needs (docs/PERFORMANCE.md).
+
+    python tools/bench/bench_mlp_epilogue.py --sizes 410M,llama-1B --seq 2048 --micro-batch 8 [--out f.json]
+
+Per layer, for T = micro-batch x seq tokens, hidden h and MLP width f, both sides do the same work:
+
+    forward   fc1  P = X W1ᵀ (+ b1)   [T, f] (gated: [T, 2f], gate and up)   then Z = act(P)
+    backward  fc2's dgrad dZ = dY W2   [T, f]                                 then dP = act'(P) * dZ
+
+- unfused (what a compiled layer runs today): cuBLAS (`torch.matmul`; the bias through `addmm`; for a gated
+  MLP two GEMMs, gate and up, as `linear_gate` and `linear_fc1` are) and one compiled elementwise kernel
+  (torch.compile of act / act').
+- fused: `quack.gemm_interface.gemm_act` (stores P and Z from the epilogue) and `gemm_dact` (reads P in the
+  epilogue, writes dP and Z); a gated MLP's gate and up are one interleaved weight there.
+- the GEMMs alone: cuBLAS and quack's plain `gemm` on the same shapes, to tell GEMM speed from fusion.
+
+GELU is the tanh approximation on both sides: quack's built-in fused path has no erf GELU (the erf one would be
+a `quack.epilogue` mod, e.g. `library.dact_dbias_mod("gelu_erf")`), and the memory traffic, which is what
+fusion saves, is the same. Before timing, each fused output is compared with the unfused one (relative error
+printed; bf16). The fused side needs CUDA and quack (`../shared/gpu/make-cute-wheels.sh`); without them only
+the unfused side runs (`--fused` makes their absence an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gemm import _time, bench_args  # noqa: E402
+
+GATED = {"swiglu": "swiglu"}
+"""our activation -> quack's gated activation of the same function (silu(gate) * up)."""
+
+
+def mlp_shape(args) -> dict:
+    """T-independent facts of the MLP: hidden, width per branch, gated, bias, layers."""
+    model = args.model
+    return {"hidden": model.hidden_size, "width": args.derived.intermediate_size,
+            "gated": model.activation in GATED, "bias": bool(model.use_bias_in_mlp) and model.activation not in GATED,
+            "layers": model.num_layers, "activation": model.activation}
+
+
+def act_forward(p, gated: bool):
+    """Z = act(P): tanh GELU of [T, f], or silu(gate) * up of P = [gate | up] ([T, 2f], halves)."""
+    import torch.nn.functional as F
+
+    if gated:
+        gate, up = p.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(p, approximate="tanh")
+
+
+def act_backward(dz, p, gated: bool):
+    """dP = act'(P) * dZ for `act_forward` (gated: [d gate | d up])."""
+    import torch
+
+    if gated:
+        gate, up = p.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_gate = dz * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+        return torch.cat((d_gate, dz * silu), dim=-1)
+    return torch.ops.aten.gelu_backward(dz, p, approximate="tanh")
+
+
+def interleave_halves(t, dim: int):
+    """[a | b] along `dim` (halves) -> a_0, b_0, a_1, b_1, ...: quack's gated layout of the gate and up
+    columns (of the fc1 weight along its rows, dim 0, and of the preact along its columns, dim -1)."""
+    import torch
+
+    a, b = t.chunk(2, dim=dim)
+    dim = dim % t.dim()
+    return torch.stack((a, b), dim=dim + 1).flatten(dim, dim + 1)
+
+
+def import_quack(required: bool):
+    """quack.gemm_interface, or None when it does not import and `required` is False."""
+    try:
+        from quack import gemm_interface
+    except Exception as error:  # ImportError, or the CuTe DSL failing to load its libraries
+        if required:
+            raise SystemExit(f"--fused needs quack-kernels and the CuTe DSL on a CUDA machine "
+                             f"(../shared/gpu/make-cute-wheels.sh): {type(error).__name__}: {error}")
+        return None
+    return gemm_interface
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quack=None, tuned: bool = False) -> dict:
+    """ms per layer of each side (module docstring) and, with quack, the fused outputs' relative errors.
+    `tuned`: quack autotunes each shape first (compiles several kernels) instead of its default config."""
+    import torch
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    h, f, gated = shape["hidden"], shape["width"], shape["gated"]
+    branches = 2 if gated else 1
+
+    def rand(*size, scale=1.0):
+        return torch.randn(*size, dtype=dtype, device=device) * scale
+
+    x, dy = rand(tokens, h), rand(tokens, h)
+    w1 = rand(branches * f, h, scale=h ** -0.5)  # [gate | up] rows when gated (linear_gate, linear_fc1)
+    w2 = rand(h, f, scale=f ** -0.5)  # fc2.weight [out=h, in=f]
+    b1 = rand(f) if shape["bias"] else None
+    forward_act = torch.compile(act_forward) if cuda else act_forward
+    backward_act = torch.compile(act_backward) if cuda else act_backward
+    weights_1 = w1.chunk(branches, dim=0)
+
+    def fc1():  # the GEMMs the model runs for fc1 (and the gate)
+        parts = [torch.addmm(b1, x, w.t()) if b1 is not None else x @ w.t() for w in weights_1]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    p = fc1()
+    dz = dy @ w2
+    report = {"tokens": tokens, "unfused": {
+        "forward_gemm_ms": _time(fc1 if not gated else (lambda: [x @ w.t() for w in weights_1]), warmup, iters, device),
+        "forward_act_ms": _time(lambda: forward_act(p, gated), warmup, iters, device),
+        "dgrad_gemm_ms": _time(lambda: dy @ w2, warmup, iters, device),
+        "dgrad_act_ms": _time(lambda: backward_act(dz, p, gated), warmup, iters, device),
+    }}
+    unfused = report["unfused"]
+    unfused["forward_ms"] = unfused["forward_gemm_ms"] + unfused["forward_act_ms"]
+    unfused["dgrad_ms"] = unfused["dgrad_gemm_ms"] + unfused["dgrad_act_ms"]
+    if quack is None:
+        return report
+
+    activation = GATED[shape["activation"]] if gated else "gelu_tanh_approx"
+    if gated:  # quack pairs gate and up by adjacent columns of B [h, 2f] (and of P): gate_0, up_0, gate_1, ...
+        b_fc1, p_fused, dp_ref = interleave_halves(w1, 0).t(), interleave_halves(p, -1), interleave_halves(
+            backward_act(dz, p, gated), -1)
+    else:
+        b_fc1, p_fused, dp_ref = w1.t(), p, backward_act(dz, p, gated)
+    p_fused = p_fused.contiguous()
+
+    def fused_forward():
+        return quack.gemm_act(x, b_fc1, bias=b1, activation=activation, tuned=tuned)
+
+    def fused_dgrad():
+        return quack.gemm_dact(dy, w2, p_fused, activation=activation, tuned=tuned)
+
+    preact, postact = fused_forward()
+    dpreact, _ = fused_dgrad()
+    report["fused_relative_error"] = {"preact": _rel(preact, p_fused), "postact": _rel(postact, forward_act(p, gated)),
+                                      "dpreact": _rel(dpreact, dp_ref)}
+    report["fused"] = {"forward_ms": _time(fused_forward, warmup, iters, device),
+                       "dgrad_ms": _time(fused_dgrad, warmup, iters, device)}
+    report["gemm_alone"] = {
+        "cublas_forward_ms": _time(lambda: x @ b_fc1, warmup, iters, device),
+        "quack_forward_ms": _time(lambda: quack.gemm(x, b_fc1, tuned=tuned), warmup, iters, device),
+        "cublas_dgrad_ms": _time(lambda: dy @ w2, warmup, iters, device),
+        "quack_dgrad_ms": _time(lambda: quack.gemm(dy, w2, tuned=tuned), warmup, iters, device),
+    }
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="410M", help="comma-separated size names or YAML paths")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--fused", action="store_true", help="fail unless the fused (quack) side can run")
+    parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow first call)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--out", help="write the reports as JSON here")
+    opts = parser.parse_args(argv)
+    import torch
+
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.fused and device.type != "cuda":
+        raise SystemExit("--fused: quack's kernels run on CUDA only (this run's device is the CPU)")
+    quack = import_quack(opts.fused) if device.type == "cuda" else None
+    reports = {}
+    for size in [s for s in opts.sizes.split(",") if s]:
+        shape = mlp_shape(bench_args(size, opts.seq, opts.micro_batch, device.type))
+        report = {**shape, **layer_report(shape, opts.seq * opts.micro_batch, opts.warmup, opts.iters, device, quack,
+                                          opts.tuned)}
+        reports[size] = report
+        kind = "swiglu" if shape["gated"] else "gelu (tanh)"
+        print(f"\n== {size}: {report['tokens']} tokens, h {shape['hidden']}, f {shape['width']}, {kind}, "
+              f"{shape['layers']} layers, {device} ==")
+        u = report["unfused"]
+        print(f"unfused: fc1 forward {u['forward_gemm_ms']:.3f} + act {u['forward_act_ms']:.3f} ms; "
+              f"fc2 dgrad {u['dgrad_gemm_ms']:.3f} + act' {u['dgrad_act_ms']:.3f} ms (per layer)")
+        if "fused" in report:
+            fz, g = report["fused"], report["gemm_alone"]
+            saved = shape["layers"] * (u["forward_ms"] + u["dgrad_ms"] - fz["forward_ms"] - fz["dgrad_ms"])
+            print(f"fused:   fc1 forward {fz['forward_ms']:.3f} ms, fc2 dgrad {fz['dgrad_ms']:.3f} ms (per layer); "
+                  f"{saved:+.2f} ms per step saved; relative errors {report['fused_relative_error']}")
+            print(f"GEMMs alone, cuBLAS vs quack: forward {g['cublas_forward_ms']:.3f} vs {g['quack_forward_ms']:.3f}, "
+                  f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "seq": opts.seq,
+                       "micro_batch": opts.micro_batch, "reports": reports}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
