@@ -171,18 +171,34 @@ def floor_report(args, micro_batch: int, seq: int, warmup: int, iters: int, atte
     return report
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="llama-1B", help="comma-separated size names or YAML paths")
+def kernel_bench_parser(description: str, default_sizes: str) -> argparse.ArgumentParser:
+    """The options every per-kernel bench here shares: sizes, seq, micro-batch, timing, device, --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default=default_sizes, help="comma-separated size names or YAML paths")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--out", help="write the reports as JSON here")
+    return parser
+
+
+def write_reports(opts, device, reports: dict) -> None:
+    """The reports of a `kernel_bench_parser` run as JSON at `--out`, with device, torch and shape."""
+    import torch
+
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "seq": opts.seq,
+                       "micro_batch": opts.micro_batch, "reports": reports}, f, indent=1)
+
+
+def main(argv=None) -> int:
+    parser = kernel_bench_parser(__doc__.split("\n")[0], "llama-1B")
     parser.add_argument("--attention", action="store_true", help="add the causal attention kernel (fwd + bwd)")
     parser.add_argument("--compare", type=float, action="append", default=[],
                         help="a measured tokens/s to set against the bound (repeatable)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", help="write the reports as JSON here")
     opts = parser.parse_args(argv)
     import torch
 
@@ -206,10 +222,7 @@ def main(argv=None) -> int:
         for measured in opts.compare:
             print(f"  {measured:,.0f} tokens/s measured = {measured / report['max_tokens_per_s']:.3f} of the bound; "
                   f"1.2x it would be {1.2 * measured / report['max_tokens_per_s']:.3f}")
-    if opts.out:
-        with open(opts.out, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "seq": opts.seq,
-                       "micro_batch": opts.micro_batch, "reports": reports}, f, indent=1)
+    write_reports(opts, device, reports)
     return 0
 
 

@@ -24,15 +24,13 @@ the unfused side runs (`--fused` makes their absence an error).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gemm import _time, bench_args  # noqa: E402
+from bench_gemm import _time, bench_args, kernel_bench_parser, write_reports  # noqa: E402
 
 GATED = {"swiglu": "swiglu"}
 """our activation -> quack's gated activation of the same function (silu(gate) * up)."""
@@ -164,16 +162,9 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="410M", help="comma-separated size names or YAML paths")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser = kernel_bench_parser(__doc__.split("\n")[0], "410M")
     parser.add_argument("--fused", action="store_true", help="fail unless the fused (quack) side can run")
     parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow first call)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", help="write the reports as JSON here")
     opts = parser.parse_args(argv)
     import torch
 
@@ -200,10 +191,7 @@ def main(argv=None) -> int:
                   f"{saved:+.2f} ms per step saved; relative errors {report['fused_relative_error']}")
             print(f"GEMMs alone, cuBLAS vs quack: forward {g['cublas_forward_ms']:.3f} vs {g['quack_forward_ms']:.3f}, "
                   f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
-    if opts.out:
-        with open(opts.out, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "seq": opts.seq,
-                       "micro_batch": opts.micro_batch, "reports": reports}, f, indent=1)
+    write_reports(opts, device, reports)
     return 0
 
 
