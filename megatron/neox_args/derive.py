@@ -76,7 +76,7 @@ def resolve_precision(precision: PrecisionArgs) -> str:
     return "fp32"
 
 
-def bf16_optimizer_sums(precision: PrecisionArgs, parallel: ParallelArgs) -> tuple[str, str, str]:
+def optimizer_wrapper_for(precision: PrecisionArgs, parallel: ParallelArgs) -> tuple[str, str, str]:
     """(wrapper, weights dtype, gradient-sum dtype): the optimizer wrapper DeepSpeed builds for these
     settings (megatron/engine/optimizer_kind.py) and the dtypes that chose it."""
     from megatron.engine.optimizer_kind import offloads_optimizer_to_cpu, optimizer_wrapper
@@ -98,7 +98,7 @@ def resolve_free_grad_sums(precision: PrecisionArgs, parallel: ParallelArgs, gra
     from megatron.engine.optimizer_kind import BF16
 
     try:
-        wrapper = bf16_optimizer_sums(precision, parallel)[0]
+        wrapper = optimizer_wrapper_for(precision, parallel)[0]
     except ValueError:  # no wrapper for this mix: the config check names it
         return False
     return (wrapper == BF16 and not precision.bf16.get("immediate_grad_update") and grad_acc == 1

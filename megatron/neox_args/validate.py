@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron.neox_args.derive import (GATED_ACTIVATIONS, bf16_optimizer_sums, mlp_widths, resolve_intermediate_size,
+from megatron.neox_args.derive import (GATED_ACTIVATIONS, mlp_widths, optimizer_wrapper_for, resolve_intermediate_size,
                                       resolve_num_kv_heads, resolve_precision)
 from megatron.neox_args.errors import ConfigError, where
 from megatron.neox_args.validate_long_seq import check_long_seq
@@ -184,7 +184,7 @@ def _check_free_grad_sums(args: Any, sources: Mapping[str, str]) -> None:
     from megatron.engine.optimizer_kind import BF16
 
     zero = args.parallel.zero_optimization
-    wrapper, model_dtype, accum = bf16_optimizer_sums(args.precision, args.parallel)
+    wrapper, model_dtype, accum = optimizer_wrapper_for(args.precision, args.parallel)
     if wrapper != BF16:
         raise fail(sources, f"free_grad_sums_between_steps: true {{where}} frees the fp32 gradient sums of DeepSpeed's "
                             f"BF16_Optimizer, but this config gets {wrapper} ({model_dtype} weights, {accum} gradient "

@@ -114,14 +114,13 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
     backward_act = torch.compile(act_backward) if cuda else act_backward
     weights_1 = w1.chunk(branches, dim=0)
 
-    def fc1():  # the GEMMs the model runs for fc1 (and the gate)
-        parts = [torch.addmm(b1, x, w.t()) if b1 is not None else x @ w.t() for w in weights_1]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    def fc1():  # the GEMMs the model runs for fc1 (and the gate): [gate, up] or [P]
+        return [torch.addmm(b1, x, w.t()) if b1 is not None else x @ w.t() for w in weights_1]
 
-    p = fc1()
+    p = torch.cat(fc1(), dim=-1)  # [T, f] or [T, gate | up]
     dz = dy @ w2
     report = {"tokens": tokens, "unfused": {
-        "forward_gemm_ms": _time(fc1 if not gated else (lambda: [x @ w.t() for w in weights_1]), warmup, iters, device),
+        "forward_gemm_ms": _time(fc1, warmup, iters, device),
         "forward_act_ms": _time(lambda: forward_act(p, gated), warmup, iters, device),
         "dgrad_gemm_ms": _time(lambda: dy @ w2, warmup, iters, device),
         "dgrad_act_ms": _time(lambda: backward_act(dz, p, gated), warmup, iters, device),
