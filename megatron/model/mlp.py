@@ -15,6 +15,11 @@ The MLP acts on each token alone, so this is exact; each chunk is run under acti
 (only its input is kept, its `[c, b, intermediate/tp]` activations are recomputed in backward), so the
 `[s, b, intermediate/tp]` intermediate never exists whole, forward or backward.
 
+With `mlp_impl: quack` (a GELU MLP on CUDA, no sequence parallelism) fc1, the GELU and fc2's data gradient
+run as quack GEMMs with the activation in their epilogues (megatron/model/fused_mlp.py); the input mapping,
+the reduction and fc2's bias are the same as below. It keeps fc1's output only, as `mlp_act` recomputation
+does, for free.
+
 With `recompute_modules: [mlp_act]` the activation's output (fc2's input) is not kept for fc2's weight
 gradient: it is recomputed from fc1's (and the gate's) output, which the activation's own backward keeps
 anyway. Saved per layer: 1 x [s, b, intermediate/tp] less (gelu: 1 instead of 2; swiglu: 3 instead of 4). Under sequence
@@ -29,8 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.init import WeightInit, resolve_init_seed
+from megatron.model.mlp_support import check_mlp_support
+from megatron.model.fused_mlp import gelu_mlp
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.mpu.mappings import copy_to_tensor_parallel_region
 from megatron.neox_args.derive import GATED_ACTIVATIONS
 from megatron.mpu.random import checkpoint
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
@@ -64,6 +72,10 @@ class ParallelMLP(nn.Module):
         init = init or WeightInit(resolve_init_seed(None), "mlp")
         self.gelu_approximate = "tanh" if model.bias_gelu_fusion else "none"
         self.chunk_size = model.mlp_chunk_size
+        self.fused = model.mlp_impl == "quack"  # checked where it can run: megatron/model/mlp_support.py
+        if self.fused:
+            check_mlp_support(model, dtype, sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1)
+        self.tp_group = parallel.tp_group
         self.recompute_act = False  # set by GPTModel for recompute_modules: [mlp_act]
         column = dict(
             tp_group=parallel.tp_group, bias=model.use_bias_in_mlp, gather_output=False,
@@ -101,6 +113,11 @@ class ParallelMLP(nn.Module):
         return ACTIVATIONS[self.activation](up)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            x = copy_to_tensor_parallel_region(x, self.tp_group)  # [s, b, h], as linear_fc1 does
+            partial = gelu_mlp(x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
+                               self.gelu_approximate)  # [s, b, h], this rank's share of fc2's sum
+            return self.linear_fc2.reduce_partial(partial)
         up = self.linear_fc1(x)  # [s, b, ffn/tp]
         gate = self.linear_gate(x) if self.linear_gate is not None else None
         inner = self._act(up, gate)

@@ -204,7 +204,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)                  # [s,b,in/p]
-        partial = F.linear(x, self.weight)                                            # [s,b,out] partial sum
+        return self.reduce_partial(F.linear(x, self.weight))                         # [s,b,out] partial sum
+
+    def reduce_partial(self, partial: torch.Tensor) -> torch.Tensor:
+        """Y = sum_r partial_r (+ b): the reduction and bias of `forward`, for a caller that computed this
+        rank's partial product X_r A_r itself (the fused MLP, megatron/model/fused_mlp.py)."""
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group, seq_dim=0)  # [s/p,b,out]
         else:

@@ -125,6 +125,14 @@ class ModelArgs:
     Hopper or Blackwell, bf16/fp16, head size a multiple of 8 up to 256 (128 on Blackwell), no attention
     dropout). A missing package is a config error naming it."""
 
+    mlp_impl: Optional[Literal["torch", "quack"]] = None
+    """MLP kernels. `torch`: fc1, the activation and fc2 as separate ops (cuBLAS GEMMs; the activation is a
+    compiled kernel in a compiled layer). `quack`: a GELU MLP's fc1 with the GELU in its GEMM epilogue and
+    fc2's data gradient with GELU's derivative and fc1's bias gradient in its epilogue (quack-kernels, pip
+    package quack-kernels; CUDA, bf16, no sequence parallelism; megatron/model/fused_mlp.py); it keeps one
+    `[s, b, intermediate/tp]` tensor per layer less. null (the default) chooses for the device at start
+    (megatron/training/device_defaults.py)."""
+
     sliding_window_width: Optional[int] = None
     """Sliding-window attention (GPT-NeoX's key, e.g. 4096 in its Mistral config): query i attends to keys
     i - w .. i (itself and the w tokens before it), through the kernels' window support (never a mask of

@@ -12,6 +12,7 @@ from megatron.neox_args.derive import (GATED_ACTIVATIONS, mlp_widths, optimizer_
                                       resolve_num_kv_heads, resolve_precision)
 from megatron.neox_args.errors import ConfigError, where
 from megatron.neox_args.validate_long_seq import check_long_seq
+from megatron.neox_args.validate_mlp import check_mlp_impl
 
 _POSITIVE_INTS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
@@ -280,3 +281,4 @@ def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
     _check_optimizer_and_schedule(args, sources)
     _check_upstream_extras(args, sources)
     check_long_seq(args, sources)
+    check_mlp_impl(args, sources)

@@ -1,4 +1,5 @@
-"""Fast by default: what a config leaves unset (`torch_compile`, `sdpa_backend`) is chosen for the device.
+"""Fast by default: what a config leaves unset (`torch_compile`, `attention_impl`, `mlp_impl`, `sdpa_backend`) is
+chosen for the device.
 
 A size file runs anywhere, so it cannot name the settings that are fastest on one device. When the user
 leaves a key unset (null, the default), the worker resolves it here, once, from the device it runs on,
@@ -8,6 +9,7 @@ and prints the choice with the key that overrides it. A value the user wrote is 
 |---|---|---|
 | `torch_compile` null | on: each transformer layer compiled (410M on one H200: 139k -> 178k tokens/s together with cuDNN attention, docs/PERFORMANCE.md) | off: compiling costs more than it gains for the tiny CPU models |
 | `attention_impl` null | `fa4` (FlashAttention-4) on Hopper for bf16/fp16 causal attention without dropout at head size 64 or 128 and seq_length >= 8192, when `flash_attn.cute` imports (measured faster than cuDNN there: 8k-128k, issue 16); otherwise `sdpa` | `sdpa` |
+| `mlp_impl` null | `quack` (GELU in the GEMM epilogues, megatron/model/fused_mlp.py) on Hopper for a bf16 GELU MLP without sequence parallelism, when quack imports (measured faster than cuBLAS + the compiled GELU: docs/PERFORMANCE.md); otherwise `torch` | `torch` |
 | `sdpa_backend` null | `cudnn` on Hopper (compute capability 9.x) for bf16/fp16 causal attention without dropout (the fastest SDPA kernel measured there at head dims 64 and 128); elsewhere torch's own choice | torch's own choice |
 
 The resolved values never enter the config sections (those hold what the user wrote); the model is built
@@ -29,6 +31,7 @@ class DeviceChoices:
     sdpa_backend: Optional[str]
     reasons: list[str] = field(default_factory=list)
     attention_impl: str = "sdpa"
+    mlp_impl: str = "torch"
 
 
 FA4_MEASURED_FASTER = {64: 8192, 128: 8192}
@@ -48,13 +51,26 @@ def _resolve_attention_impl(model, cuda: bool, precision: str, capability, fa4_a
     return "sdpa", ""
 
 
+def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_parallel: bool,
+                      quack_available) -> tuple[str, str]:
+    """(impl, reason) for an unset mlp_impl; reason is "" when nothing was chosen beyond torch."""
+    if (cuda and capability[0] == 9 and precision == "bf16" and model.activation == "gelu"
+            and not sequence_parallel and quack_available()):
+        return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured faster than cuBLAS "
+                         "and a compiled GELU on Hopper; set mlp_impl: torch to choose the unfused layer)")
+    return "torch", ""
+
+
 def resolve_device_defaults(model, training, device_type: str, precision: str,
-                            capability: Optional[tuple[int, int]] = None, fa4_available=None) -> DeviceChoices:
-    """Resolve the unset `training.torch_compile` and `model.sdpa_backend` for `device_type` ("cuda"/"cpu")
-    and the run's `precision` ("fp32", "bf16", "fp16": cuDNN attention takes half precision only).
+                            capability: Optional[tuple[int, int]] = None, fa4_available=None,
+                            sequence_parallel: bool = False, quack_available=None) -> DeviceChoices:
+    """Resolve the unset `training.torch_compile`, `model.attention_impl`, `model.mlp_impl` and
+    `model.sdpa_backend` for `device_type` ("cuda"/"cpu") and the run's `precision` ("fp32", "bf16", "fp16":
+    cuDNN attention takes half precision only).
 
     `capability` is the CUDA compute capability (major, minor); None asks torch (CUDA only).
-    `fa4_available()` says whether flash_attn.cute imports (default: try it).
+    `fa4_available()` / `quack_available()` say whether flash_attn.cute / quack import (default: try it).
+    `sequence_parallel`: in effect (more than one tensor-parallel rank).
     """
     reasons: list[str] = []
     cuda = device_type == "cuda"
@@ -78,6 +94,16 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
         impl, reason = _resolve_attention_impl(model, cuda, precision, capability, fa4_available)
         if reason:
             reasons.append(reason)
+    mlp_impl = model.mlp_impl
+    if mlp_impl is None:
+        if quack_available is None:
+            from megatron.model.mlp_support import import_quack
+
+            def quack_available():
+                return import_quack() is not None
+        mlp_impl, reason = _resolve_mlp_impl(model, cuda, precision, capability, sequence_parallel, quack_available)
+        if reason:
+            reasons.append(reason)
     backend = model.sdpa_backend
     if backend is None and cuda and impl == "sdpa" and precision in ("bf16", "fp16"):
         if capability[0] == 9 and model.attention_dropout == 0.0:
@@ -85,10 +111,11 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
             reasons.append("sdpa_backend: cudnn (unset; the fastest causal SDPA kernel measured on Hopper; "
                            "set sdpa_backend: flash|efficient|math to choose another)")
     return DeviceChoices(torch_compile=bool(compile_layers), sdpa_backend=backend, reasons=reasons,
-                         attention_impl=impl)
+                         attention_impl=impl, mlp_impl=mlp_impl)
 
 
 def model_args_with(model, choices: DeviceChoices):
-    """A copy of ModelArgs `model` carrying the resolved attention kernel and backend (the original is not
-    changed)."""
-    return dataclasses.replace(model, sdpa_backend=choices.sdpa_backend, attention_impl=choices.attention_impl)
+    """A copy of ModelArgs `model` carrying the resolved attention kernel and backend and MLP kernels (the
+    original is not changed)."""
+    return dataclasses.replace(model, sdpa_backend=choices.sdpa_backend, attention_impl=choices.attention_impl,
+                               mlp_impl=choices.mlp_impl)

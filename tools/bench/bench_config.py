@@ -139,6 +139,8 @@ def describe_ours(args, device: str) -> str:
         notes.append("compile")
     if choices.attention_impl != "sdpa" or choices.sdpa_backend:
         notes.append(choices.sdpa_backend or choices.attention_impl)
+    if choices.mlp_impl != "torch":
+        notes.append(f"{choices.mlp_impl} mlp")
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
     offload = args.parallel.zero_optimization.get("offload_optimizer") or {}

@@ -14,10 +14,11 @@ Per layer, for T = micro-batch x seq tokens, hidden h and MLP width f, both side
 - fused: `quack.gemm_interface.gemm_act` (stores P and Z from the epilogue) and `gemm_dact` (reads P in the
   epilogue, writes dP and Z); a gated MLP's gate and up are one interleaved weight there.
 - the GEMMs alone: cuBLAS and quack's plain `gemm` on the same shapes, to tell GEMM speed from fusion.
+- ours (GELU MLPs): the two custom ops `mlp_impl: quack` runs (megatron/model/fused_mlp.py), whose dgrad also
+  sums fc1's bias gradient in its epilogue (the unfused side's act' kernel then includes that sum).
 
-GELU is the tanh approximation on both sides: quack's built-in fused path has no erf GELU (the erf one would be
-a `quack.epilogue` mod, e.g. `library.dact_dbias_mod("gelu_erf")`), and the memory traffic, which is what
-fusion saves, is the same. Before timing, each fused output is compared with the unfused one (relative error
+GELU is the model's own on both sides: exact (erf, quack's `gelu_erf`) or, with `bias_gelu_fusion: true`, the
+tanh approximation (`gelu_tanh_approx`). Before timing, each fused output is compared with the unfused one (relative error
 printed; bf16). The fused side needs CUDA and quack (`../shared/gpu/make-cute-wheels.sh`); without them only
 the unfused side runs (`--fused` makes their absence an error).
 """
@@ -36,35 +37,48 @@ GATED = {"swiglu": "swiglu"}
 """our activation -> quack's gated activation of the same function (silu(gate) * up)."""
 
 
+def quack_activation(model) -> str:
+    """quack's name of the model's MLP activation: swiglu, gelu_erf (exact) or gelu_tanh_approx."""
+    if model.activation in GATED:
+        return GATED[model.activation]
+    if model.activation != "gelu":
+        raise SystemExit(f"bench_mlp_epilogue: activation {model.activation!r} is not timed here (gelu, swiglu)")
+    return "gelu_tanh_approx" if model.bias_gelu_fusion else "gelu_erf"
+
+
 def mlp_shape(args) -> dict:
     """T-independent facts of the MLP: hidden, width per branch, gated, bias, layers."""
     model = args.model
     return {"hidden": model.hidden_size, "width": args.derived.intermediate_size,
             "gated": model.activation in GATED, "bias": bool(model.use_bias_in_mlp) and model.activation not in GATED,
-            "layers": model.num_layers, "activation": model.activation}
+            "layers": model.num_layers, "activation": quack_activation(model)}
 
 
-def act_forward(p, gated: bool):
-    """Z = act(P): tanh GELU of [T, f], or silu(gate) * up of P = [gate | up] ([T, 2f], halves)."""
+def _approximate(activation: str) -> str:
+    return "tanh" if activation == "gelu_tanh_approx" else "none"
+
+
+def act_forward(p, activation: str):
+    """Z = act(P): GELU of [T, f], or silu(gate) * up of P = [gate | up] ([T, 2f], halves) for swiglu."""
     import torch.nn.functional as F
 
-    if gated:
+    if activation in GATED.values():
         gate, up = p.chunk(2, dim=-1)
         return F.silu(gate) * up
-    return F.gelu(p, approximate="tanh")
+    return F.gelu(p, approximate=_approximate(activation))
 
 
-def act_backward(dz, p, gated: bool):
+def act_backward(dz, p, activation: str):
     """dP = act'(P) * dZ for `act_forward` (gated: [d gate | d up])."""
     import torch
 
-    if gated:
+    if activation in GATED.values():
         gate, up = p.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         d_gate = dz * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
         return torch.cat((d_gate, dz * silu), dim=-1)
-    return torch.ops.aten.gelu_backward(dz, p, approximate="tanh")
+    return torch.ops.aten.gelu_backward(dz, p, approximate=_approximate(activation))
 
 
 def interleave_halves(t, dim: int):
@@ -100,7 +114,7 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    h, f, gated = shape["hidden"], shape["width"], shape["gated"]
+    h, f, gated, activation = shape["hidden"], shape["width"], shape["gated"], shape["activation"]
     branches = 2 if gated else 1
 
     def rand(*size, scale=1.0):
@@ -112,6 +126,12 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
     b1 = rand(f) if shape["bias"] else None
     forward_act = torch.compile(act_forward) if cuda else act_forward
     backward_act = torch.compile(act_backward) if cuda else act_backward
+
+    def act_backward_and_bias(dz, p, activation):  # dP and, with fc1's bias, its gradient sum_t dP
+        dp = act_backward(dz, p, activation)
+        return (dp, dp.sum(0)) if b1 is not None else (dp,)
+
+    backward_act_bias = torch.compile(act_backward_and_bias) if cuda else act_backward_and_bias
     weights_1 = w1.chunk(branches, dim=0)
 
     def fc1():  # the GEMMs the model runs for fc1 (and the gate): [gate, up] or [P]
@@ -121,9 +141,9 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
     dz = dy @ w2
     report = {"tokens": tokens, "unfused": {
         "forward_gemm_ms": _time(fc1, warmup, iters, device),
-        "forward_act_ms": _time(lambda: forward_act(p, gated), warmup, iters, device),
+        "forward_act_ms": _time(lambda: forward_act(p, activation), warmup, iters, device),
         "dgrad_gemm_ms": _time(lambda: dy @ w2, warmup, iters, device),
-        "dgrad_act_ms": _time(lambda: backward_act(dz, p, gated), warmup, iters, device),
+        "dgrad_act_ms": _time(lambda: backward_act_bias(dz, p, activation), warmup, iters, device),
     }}
     unfused = report["unfused"]
     unfused["forward_ms"] = unfused["forward_gemm_ms"] + unfused["forward_act_ms"]
@@ -131,12 +151,11 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
     if quack is None:
         return report
 
-    activation = GATED[shape["activation"]] if gated else "gelu_tanh_approx"
     if gated:  # quack pairs gate and up by adjacent columns of B [h, 2f] (and of P): gate_0, up_0, gate_1, ...
         b_fc1, p_fused, dp_ref = interleave_halves(w1, 0).t(), interleave_halves(p, -1), interleave_halves(
-            backward_act(dz, p, gated), -1)
+            backward_act(dz, p, activation), -1)
     else:
-        b_fc1, p_fused, dp_ref = w1.t(), p, backward_act(dz, p, gated)
+        b_fc1, p_fused, dp_ref = w1.t(), p, backward_act(dz, p, activation)
     p_fused = p_fused.contiguous()
 
     def fused_forward():
@@ -147,10 +166,24 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
 
     preact, postact = fused_forward()
     dpreact, _ = fused_dgrad()
-    report["fused_relative_error"] = {"preact": _rel(preact, p_fused), "postact": _rel(postact, forward_act(p, gated)),
+    report["fused_relative_error"] = {"preact": _rel(preact, p_fused), "postact": _rel(postact, forward_act(p, activation)),
                                       "dpreact": _rel(dpreact, dp_ref)}
     report["fused"] = {"forward_ms": _time(fused_forward, warmup, iters, device),
                        "dgrad_ms": _time(fused_dgrad, warmup, iters, device)}
+    if not gated:  # the product's two custom ops (megatron/model/fused_mlp.py): fc1's bias gradient included
+        from megatron.model.fused_mlp import QUACK_GELU
+        import megatron.model.fused_mlp as fused_mlp
+
+        fused_mlp.QUACK_TUNED = tuned
+        approximate = {v: k for k, v in QUACK_GELU.items()}[activation]
+        ours = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, p, approximate, b1 is not None)
+        report["fused_relative_error"]["ours_dpreact"] = _rel(ours[0], dp_ref)
+        if b1 is not None:
+            report["fused_relative_error"]["ours_dbias"] = _rel(ours[2], dp_ref.float().sum(0))
+        report["ours"] = {
+            "forward_ms": _time(lambda: torch.ops.neox.gelu_fc1(x, w1, b1, approximate), warmup, iters, device),
+            "dgrad_ms": _time(lambda: torch.ops.neox.dgelu_fc2_dgrad(dy, w2, p, approximate, b1 is not None),
+                              warmup, iters, device)}
     report["gemm_alone"] = {
         "cublas_forward_ms": _time(lambda: x @ b_fc1, warmup, iters, device),
         "quack_forward_ms": _time(lambda: quack.gemm(x, b_fc1, tuned=tuned), warmup, iters, device),
@@ -177,7 +210,7 @@ def main(argv=None) -> int:
         report = {**shape, **layer_report(shape, opts.seq * opts.micro_batch, opts.warmup, opts.iters, device, quack,
                                           opts.tuned)}
         reports[size] = report
-        kind = "swiglu" if shape["gated"] else "gelu (tanh)"
+        kind = shape["activation"]
         print(f"\n== {size}: {report['tokens']} tokens, h {shape['hidden']}, f {shape['width']}, {kind}, "
               f"{shape['layers']} layers, {device} ==")
         u = report["unfused"]
@@ -188,6 +221,11 @@ def main(argv=None) -> int:
             saved = shape["layers"] * (u["forward_ms"] + u["dgrad_ms"] - fz["forward_ms"] - fz["dgrad_ms"])
             print(f"fused:   fc1 forward {fz['forward_ms']:.3f} ms, fc2 dgrad {fz['dgrad_ms']:.3f} ms (per layer); "
                   f"{saved:+.2f} ms per step saved; relative errors {report['fused_relative_error']}")
+            if "ours" in report:
+                o = report["ours"]
+                saved = shape["layers"] * (u["forward_ms"] + u["dgrad_ms"] - o["forward_ms"] - o["dgrad_ms"])
+                print(f"ours (mlp_impl quack, bias gradient in the epilogue): fc1 forward {o['forward_ms']:.3f} ms, "
+                      f"fc2 dgrad {o['dgrad_ms']:.3f} ms; {saved:+.2f} ms per step saved")
             print(f"GEMMs alone, cuBLAS vs quack: forward {g['cublas_forward_ms']:.3f} vs {g['quack_forward_ms']:.3f}, "
                   f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
     write_reports(opts, device, reports)

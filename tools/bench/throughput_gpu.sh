@@ -48,8 +48,19 @@ case "$stage" in
     setup; E="python3 tools/bench/bench_mlp_epilogue.py --fused"
     $E --sizes 410M,llama-1B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_mb8.json"
     $E --sizes 1.3B --seq 2048 --micro-batch 12 --out "$OUT/mlp_epilogue_1.3B.json" ;;
+  mlp-quack)   # ~8 min, needs .cute-* (two commands, as for FA4): mlp_impl quack's GPU tests, the kernels against
+    # cuBLAS + the compiled GELU per layer (also autotuned), then 410M with the default (quack chosen) and mlp_impl=torch
+    setup; timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -x 2>&1 | tail -15 || true
+    E="timeout 150 python3 tools/bench/bench_mlp_epilogue.py --fused"
+    $E --sizes 410M,1.3B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_gelu.json" || true
+    $E --sizes 410M --seq 2048 --micro-batch 8 --tuned --out "$OUT/mlp_epilogue_gelu_tuned.json" || true
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
+      --out "$OUT/410M_mlp.json" --markdown ;;
+  1.3b-mlp)   # ~4 min, needs .cute-*: 1.3B at 2048 x 12 with the default (quack chosen) and mlp_impl=torch
+    setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
+      --variant "default:" --variant "torch: mlp_impl=torch" --out "$OUT/1-3B_mlp.json" --markdown ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack 1.3b-mlp gpu-tests" ;;
 esac

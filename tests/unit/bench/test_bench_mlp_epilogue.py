@@ -14,13 +14,23 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import bench_mlp_epilogue as bench  # noqa: E402
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_activation_gradient_is_autograds(gated):
+@pytest.mark.parametrize("activation", ["gelu_erf", "gelu_tanh_approx", "swiglu"])
+def test_activation_gradient_is_autograds(activation):
     torch.manual_seed(0)
     p = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    dz = torch.randn(5, 6 if gated else 12, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(bench.act_forward(p, gated), p, dz)
-    torch.testing.assert_close(bench.act_backward(dz, p.detach(), gated), expected, rtol=1e-12, atol=1e-12)
+    dz = torch.randn(5, 6 if activation == "swiglu" else 12, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(bench.act_forward(p, activation), p, dz)
+    torch.testing.assert_close(bench.act_backward(dz, p.detach(), activation), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_models_gelu_is_the_one_timed():
+    """exact GELU for the shipped 410M (as Pythia), the tanh one where bias_gelu_fusion asks for it."""
+    args = bench.bench_args("410M", 64, 1, "cpu")
+    assert bench.quack_activation(args.model) == "gelu_erf"
+    args.model.bias_gelu_fusion = True
+    assert bench.quack_activation(args.model) == "gelu_tanh_approx"
+    erf, tanh = (bench.act_forward(torch.tensor([1.0]), a) for a in ("gelu_erf", "gelu_tanh_approx"))
+    assert erf.item() != tanh.item()
 
 
 def test_interleaved_weight_gives_the_interleaved_preact():
@@ -39,6 +49,7 @@ def test_interleaved_weight_gives_the_interleaved_preact():
 def test_mlp_shape_from_the_size_file(size, gated, bias, width):
     shape = bench.mlp_shape(bench.bench_args(size, 64, 1, "cpu"))
     assert (shape["gated"], shape["bias"], shape["width"]) == (gated, bias, width)
+    assert shape["activation"] == ("swiglu" if gated else "gelu_erf")
 
 
 def test_cpu_report_is_the_unfused_side_and_fused_is_refused():

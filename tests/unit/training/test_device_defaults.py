@@ -1,4 +1,5 @@
-"""Fast by default: unset torch_compile / sdpa_backend are chosen for the device; a value the user wrote wins."""
+"""Fast by default: unset torch_compile / attention_impl / mlp_impl / sdpa_backend are chosen for the device; a value
+the user wrote wins."""
 
 from __future__ import annotations
 
@@ -69,3 +70,26 @@ def test_unset_attention_impl_picks_fa4_only_where_it_was_measured_faster():
                                    fa4_available=yes).attention_impl == "sdpa"
     cpu = resolve_device_defaults(long.model, long.training, "cpu", "fp32", fa4_available=yes)
     assert cpu.attention_impl == "sdpa"
+
+
+def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_mlp_on_hopper():
+    yes, no = (lambda: True), (lambda: False)
+    gelu = _args(activation="gelu")
+    choices = resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes)
+    assert choices.mlp_impl == "quack" and any("mlp_impl: quack" in r for r in choices.reasons)
+    assert model_args_with(gelu.model, choices).mlp_impl == "quack" and gelu.model.mlp_impl is None
+    # not installed, Ampere, fp32, a gated MLP, sequence parallelism in effect, the CPU: the torch layer
+    for keys, device, capability, precision, available, sp in [
+            (dict(activation="gelu"), "cuda", HOPPER, "bf16", no, False),
+            (dict(activation="gelu"), "cuda", AMPERE, "bf16", yes, False),
+            (dict(activation="gelu"), "cuda", HOPPER, "fp32", yes, False),
+            (dict(activation="swiglu"), "cuda", HOPPER, "bf16", yes, False),
+            (dict(activation="gelu"), "cuda", HOPPER, "bf16", yes, True),
+            (dict(activation="gelu"), "cpu", None, "bf16", yes, False)]:
+        args = _args(**keys)
+        choices = resolve_device_defaults(args.model, args.training, device, precision, capability=capability,
+                                          quack_available=available, sequence_parallel=sp)
+        assert choices.mlp_impl == "torch" and not any("mlp_impl" in r for r in choices.reasons), keys
+    written = _args(activation="gelu", mlp_impl="torch")
+    assert resolve_device_defaults(written.model, written.training, "cuda", "bf16", capability=HOPPER,
+                                   quack_available=yes).mlp_impl == "torch"

@@ -1,0 +1,129 @@
+"""The GELU MLP with its activation inside quack's GEMM epilogues (`mlp_impl: quack`).
+
+Per rank, on the T = s*b tokens of x, hidden h and this rank's MLP width f (fc1's column shard W1 `[f, h]`,
+b1 `[f]`, and fc2's row shard W2 `[h, f]`; the input mapping, the tensor-parallel reduction and fc2's bias
+stay ParallelMLP's, as for the unfused layer):
+
+    forward   P = X W1ᵀ + b1,  Z = gelu(P)        one quack GEMM; its epilogue stores P and Z   [T, f] each
+              Y = Z W2ᵀ                            cuBLAS: this rank's partial sum               [T, h]
+    saved     X, P                                 (not Z: backward's epilogue recomputes it)
+    backward  dP = gelu'(P) * (dY W2),  Z = gelu(P),  db1 = sum_t dP
+                                                   one quack GEMM (megatron/model/quack_mlp_epilogue.py)
+              dW2 = dYᵀ Z,  dX = dP W1,  dW1 = dPᵀ X              cuBLAS
+
+The unfused layer runs the same GEMMs on cuBLAS with a compiled GELU kernel after fc1 (read P, write Z) and
+another after fc2's data gradient (read dZ and P, write dP, sum db1), and keeps Z for fc2's weight
+gradient. Fused, those passes become the epilogue's stores and loads of tiles it already holds, and one
+`[T, f]` tensor per layer less is kept for backward.
+
+The two kernels are torch custom ops (`neox::gelu_fc1`, `neox::dgelu_fc2_dgrad`): a compiled layer calls
+them as opaque nodes, without a graph break. On CUDA they run quack's kernels; elsewhere the same math in
+torch, so that the composite's wiring and gradients are tested on the CPU against the unfused layer
+(`mlp_impl: quack` itself is refused off CUDA: megatron/model/mlp_support.py).
+
+GELU is exact (erf: quack's `gelu_erf`) or, with `bias_gelu_fusion: true`, the tanh approximation
+(`gelu_tanh_approx`): the same function as the unfused layer computes either way. In bf16 the epilogue applies
+GELU to the fp32 accumulator (the unfused layer to P rounded to bf16): the two agree within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+QUACK_GELU = {"none": "gelu_erf", "tanh": "gelu_tanh_approx"}
+"""ParallelMLP's `gelu_approximate` ("none": erf, "tanh") -> quack's activation name."""
+
+QUACK_TUNED = False
+"""Let quack autotune each GEMM shape on first sight (compiles several kernels) instead of its per-arch
+default tile config."""
+
+
+def _fc1_reference(x: Tensor, w1: Tensor, b1: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
+    """(P, Z) in fp32 arithmetic, rounded to x's dtype, as the epilogue does."""
+    p = F.linear(x.float(), w1.float(), None if b1 is None else b1.float())
+    return p.to(x.dtype), F.gelu(p, approximate=approximate).to(x.dtype)
+
+
+def _dgrad_reference(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str,
+                     bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dP, Z, db1) in fp32 arithmetic; dP and Z rounded to dy's dtype, db1 in fp32 (empty without a bias)."""
+    dz, p = dy.float() @ w2.float(), preact.float()
+    dp = torch.ops.aten.gelu_backward(dz, p, approximate=approximate)
+    db1 = dp.sum(0) if bias_grad else dp.new_empty(0)
+    return dp.to(dy.dtype), F.gelu(p, approximate=approximate).to(dy.dtype), db1
+
+
+@torch.library.custom_op("neox::gelu_fc1", mutates_args=())
+def gelu_fc1(x: Tensor, w1: Tensor, b1: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
+    """x `[T, h]`, W1 `[f, h]`, b1 `[f]` -> (P, Z = gelu(P)), `[T, f]` each."""
+    if not x.is_cuda:
+        return _fc1_reference(x, w1, b1, approximate)
+    from quack.gemm_interface import gemm_act
+
+    preact, postact = gemm_act(x, w1.t(), bias=b1, activation=QUACK_GELU[approximate], tuned=QUACK_TUNED)
+    return preact, postact
+
+
+@gelu_fc1.register_fake
+def _(x, w1, b1, approximate):
+    shape = (x.shape[0], w1.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("neox::dgelu_fc2_dgrad", mutates_args=())
+def dgelu_fc2_dgrad(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str,
+                    bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dY `[T, h]`, W2 `[h, f]`, P `[T, f]` -> (dP `[T, f]`, Z `[T, f]`, db1 `[f]` fp32, or empty)."""
+    if not dy.is_cuda:
+        return _dgrad_reference(dy, w2, preact, approximate, bias_grad)
+    activation = QUACK_GELU[approximate]
+    if not bias_grad:
+        from quack.gemm_interface import gemm_dact
+
+        dp, z = gemm_dact(dy, w2, preact, activation=activation, tuned=QUACK_TUNED)
+        return dp, z, dy.new_empty(0, dtype=torch.float32)
+    from megatron.model.quack_mlp_epilogue import DGELU_DBIAS
+
+    out = DGELU_DBIAS[activation](dy, w2, preact, out={"D": torch.empty_like(preact),
+                                                        "postact": torch.empty_like(preact)},
+                                  tuned=QUACK_TUNED, dynamic_scheduler=True)
+    return out["D"], out["postact"], out["dbias"].reshape(-1).float()
+
+
+@dgelu_fc2_dgrad.register_fake
+def _(dy, w2, preact, approximate, bias_grad):
+    return (torch.empty_like(preact), torch.empty_like(preact),
+            preact.new_empty(preact.shape[1] if bias_grad else 0, dtype=torch.float32))
+
+
+class _GeluMLP(torch.autograd.Function):
+    """Y = gelu(X W1ᵀ + b1) W2ᵀ on `[T, h]` tokens (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, approximate: str):
+        preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate)  # [T, f] each
+        ctx.save_for_backward(x, w1, w2, preact)
+        ctx.approximate, ctx.has_bias = approximate, b1 is not None
+        return F.linear(postact, w2)  # [T, h]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, preact = ctx.saved_tensors
+        dy = dy.contiguous()  # [T, h]
+        dpreact, postact, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, preact, ctx.approximate, ctx.has_bias)
+        dw2 = dy.t() @ postact  # [h, f]
+        dx = dpreact @ w1  # [T, h]
+        dw1 = dpreact.t() @ x  # [f, h]
+        return dx, dw1, db1.to(w1.dtype) if ctx.has_bias else None, dw2, None
+
+
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, approximate: str) -> Tensor:
+    """x `[..., h]` -> this rank's partial fc2 output `[..., h]` (before the reduction and fc2's bias)."""
+    if approximate not in QUACK_GELU:
+        raise ValueError(f"gelu_mlp: approximate must be one of {sorted(QUACK_GELU)}, got {approximate!r}")
+    y = _GeluMLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, approximate)
+    return y.view(*x.shape[:-1], w2.shape[0])

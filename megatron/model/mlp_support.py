@@ -1,0 +1,50 @@
+"""Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here: quack installed, a CUDA GPU, a
+GELU MLP in bf16 without sequence parallelism. Checked when the model is built (the launch-time checks that
+need no package are megatron/neox_args/validate_mlp.py). Every failure is a ConfigError naming the key and
+the fix."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.neox_args.errors import ConfigError
+
+QUACK_PACKAGE = "quack-kernels"
+"""The pip package that provides `quack` (it brings nvidia-cutlass-dsl)."""
+
+
+def import_quack():
+    """quack's GEMM interface and our epilogue mods, or None where they do not import (no package, or the
+    CuTe DSL failing to load its libraries: e.g. a machine without CUDA)."""
+    try:
+        from quack import gemm_interface
+
+        import megatron.model.quack_mlp_epilogue  # noqa: F401  (the epilogues fused_mlp's backward runs)
+    except Exception:  # ImportError, or the DSL's own errors at import
+        return None
+    return gemm_interface
+
+
+def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device_type: str | None = None) -> None:
+    """Raise ConfigError when `model.mlp_impl` is quack and it cannot run for this layer (`dtype`: the
+    parameters'; `sequence_parallel`: in effect, i.e. with more than one tensor-parallel rank)."""
+    if model.mlp_impl != "quack":
+        return
+    if model.activation != "gelu":
+        raise ConfigError(f"mlp_impl: quack fuses the GELU MLP, and activation is {model.activation!r}; set "
+                          f"activation: gelu, or mlp_impl: torch.", key="mlp_impl")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"mlp_impl: quack runs in bf16, and this model's parameters are {dtype}; set "
+                          f"bf16: {{enabled: true}}, or mlp_impl: torch.", key="mlp_impl")
+    if sequence_parallel:
+        raise ConfigError("mlp_impl: quack does not take sequence_parallel; set sequence_parallel: false, or "
+                          "mlp_impl: torch.", key="mlp_impl")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type != "cuda":
+        raise ConfigError("mlp_impl: quack runs on CUDA GPUs only, and this run has none; set mlp_impl: torch.",
+                          key="mlp_impl")
+    if import_quack() is None:
+        raise ConfigError(f"mlp_impl: quack needs quack-kernels (`import quack`), which does not import here: "
+                          f"pip install {QUACK_PACKAGE} (CUDA; Hopper or Blackwell GPUs), or set mlp_impl: torch.",
+                          key="mlp_impl")

@@ -1,0 +1,113 @@
+"""`mlp_impl: quack` on a GPU (`python -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q`).
+
+- quack's two kernels (`neox::gelu_fc1`, `neox::dgelu_fc2_dgrad`, megatron/model/fused_mlp.py) against the
+  same math in fp32 torch on the same bf16 inputs, exact and tanh GELU, with and without fc1's bias;
+- ParallelMLP on quack against the torch layer in bf16 (output and every gradient), eager and compiled;
+- the memory autograd keeps at the end of a forward: one [s, b, ffn] bf16 tensor less than the torch layer.
+
+They need quack-kernels and the CuTe DSL (../shared/gpu/make-cute-wheels.sh); without them they fail with
+the install hint rather than pass silently.
+"""
+
+import gc
+
+import pytest
+import torch
+
+from megatron.model.fused_mlp import _dgrad_reference, _fc1_reference
+from megatron.model.mlp import ParallelMLP
+from megatron.model.mlp_support import import_quack
+from megatron.mpu.initialize import ParallelState
+from megatron.neox_args.sections import DerivedArgs, ModelArgs
+
+pytestmark = pytest.mark.gpu
+
+BF16 = 1e-2  # relative (norm) error of a bf16 result against fp32 math on the same inputs
+
+
+@pytest.fixture(autouse=True)
+def _cuda_and_quack():
+    if not torch.cuda.is_available():
+        pytest.fail("tests/gpu needs a CUDA device (run them with -m gpu on the GPU machine)")
+    if import_quack() is None:
+        pytest.fail("quack does not import: install the quack-kernels wheels (make-cute-wheels.sh / "
+                    "install-cute.sh) and put CUTE_PATH on PYTHONPATH")
+    torch.manual_seed(0)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_quack_kernels_equal_fp32_math(approximate, bias):
+    t, h, f = 4096, 1024, 4096  # 410M's layer at 2 x 2048 tokens
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    x, dy = torch.randn(t, h, **dev), torch.randn(t, h, **dev)
+    w1, w2 = torch.randn(f, h, **dev) / h ** 0.5, torch.randn(h, f, **dev) / f ** 0.5
+    b1 = torch.randn(f, **dev) if bias else None
+    preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate)
+    want_p, want_z = _fc1_reference(x, w1, b1, approximate)
+    assert preact.dtype == postact.dtype == torch.bfloat16
+    assert _rel(preact, want_p) < BF16 and _rel(postact, want_z) < BF16
+    dp, z, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, want_p, approximate, bias)
+    want_dp, want_z2, want_db1 = _dgrad_reference(dy, w2, want_p, approximate, bias)
+    assert _rel(dp, want_dp) < BF16 and _rel(z, want_z2) < BF16
+    if bias:
+        assert db1.shape == (f,) and _rel(db1, want_db1) < BF16
+    else:
+        assert db1.numel() == 0
+
+
+def _layers(**keys):
+    fields = dict(num_layers=1, hidden_size=1024, num_attention_heads=16, seq_length=2048, pos_emb="rotary")
+    fields.update(keys)
+    derived = DerivedArgs(num_kv_heads=16, intermediate_size=4096, max_position_embeddings=2048, vocab_size=128,
+                          padded_vocab_size=128)
+    torch.manual_seed(5)
+    ours = ParallelMLP(ModelArgs(**fields), derived, ParallelState.single(), dtype=torch.bfloat16).cuda()
+    fused = ParallelMLP(ModelArgs(mlp_impl="quack", **fields), derived, ParallelState.single(),
+                        dtype=torch.bfloat16).cuda()
+    fused.load_state_dict(ours.state_dict())
+    return ours, fused
+
+
+def _run(layer, x, dy):
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    y.backward(dy)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), xi.grad, grads
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled):
+    ours, fused = _layers()
+    x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    y, dx, grads = _run(ours, x, dy)
+    run = torch.compile(fused) if compiled else fused
+    y_f, dx_f, grads_f = _run(run, x, dy)
+    _run(run, x, dy)  # a second call: the cached kernels (and, compiled, the graph) again
+    assert _rel(y_f, y) < BF16 and _rel(dx_f, dx) < BF16
+    for name, grad in grads.items():
+        assert _rel(grads_f[name], grad) < BF16, name
+
+
+def test_the_fused_layer_keeps_one_ffn_wide_tensor_less():
+    ours, fused = _layers()
+    x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    held = {}
+    for name, layer in (("torch", ours), ("quack", fused)):
+        layer(x).sum().backward()  # warm-up: kernels compiled, workspaces and gradients allocated
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = layer(x)
+        torch.cuda.synchronize()
+        held[name] = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        del y
+    ffn_wide = 2048 * 2 * 4096 * 2  # bytes of one [s, b, ffn] bf16 tensor
+    assert held["torch"] - held["quack"] == pytest.approx(ffn_wide, rel=0.05), held

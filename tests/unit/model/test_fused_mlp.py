@@ -1,0 +1,164 @@
+"""`mlp_impl: quack` (megatron/model/fused_mlp.py) on the CPU: its autograd function, run on the custom ops'
+torch math, gives the unfused MLP's output and every gradient; ParallelMLP wired to it equals the torch
+layer, alone, in chunks and with tensor parallelism 2; it keeps one ffn-wide tensor less for backward; a
+compiled layer calls it without a graph break; and asking for it where it cannot run is a ConfigError.
+(The quack kernels themselves run on a CUDA machine: tests/gpu/test_gpu_fused_mlp.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megatron.model.mlp as mlp_module
+from megatron.model.fused_mlp import gelu_mlp
+from megatron.model.mlp import ParallelMLP
+from megatron.model.mlp_support import check_mlp_support
+from megatron.mpu.initialize import ParallelState
+from megatron.neox_args.errors import ConfigError
+from model_test_utils import make_args
+from tests.helpers.distributed import run_distributed
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; the fused path sums the same products in another order
+
+
+def _unfused(x, w1, b1, w2, approximate):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2)
+
+
+def _grads(fn, *tensors, dy):
+    leaves = [t.detach().clone().requires_grad_(t is not None) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gelu_mlp_equals_the_unfused_mlp(approximate, bias):
+    torch.manual_seed(0)
+    s, b, h, f = 6, 2, 8, 24
+    x, dy = torch.randn(s, b, h), torch.randn(s, b, h)
+    w1, w2 = torch.randn(f, h) / h ** 0.5, torch.randn(h, f) / f ** 0.5
+    b1 = torch.randn(f) if bias else None
+    expected, expected_grads = _grads(lambda *t: _unfused(*t, approximate), x, w1, b1, w2, dy=dy)
+    fused, fused_grads = _grads(lambda *t: gelu_mlp(*t, approximate), x, w1, b1, w2, dy=dy)
+    torch.testing.assert_close(fused, expected, **TOL)
+    for name, got, want in zip(("x", "w1", "b1", "w2"), fused_grads, expected_grads):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, **TOL, msg=name)
+    erf, tanh = (gelu_mlp(x, w1, b1, w2, a) for a in ("none", "tanh"))
+    assert not torch.allclose(erf, tanh, rtol=1e-6, atol=1e-6)  # the approximation reaches the kernel
+
+
+def _mlp_pair(monkeypatch, **keys):
+    """(torch layer, quack layer) with the same weights; the quack layer's device check is lifted so that it
+    runs on the custom ops' CPU math."""
+    monkeypatch.setattr(mlp_module, "check_mlp_support", lambda *a, **k: None)
+    model_args, derived = make_args(**keys)
+    torch.manual_seed(5)
+    ours = ParallelMLP(model_args, derived, ParallelState.single())
+    fused = ParallelMLP(make_args(mlp_impl="quack", **keys)[0], derived, ParallelState.single())
+    fused.load_state_dict(ours.state_dict())
+    return ours, fused
+
+
+@pytest.mark.parametrize("keys", [{}, dict(mlp_chunk_size=4), dict(bias_gelu_fusion=True)],
+                         ids=["whole", "chunked", "tanh"])
+def test_parallel_mlp_on_quack_equals_the_torch_layer(monkeypatch, keys):
+    ours, fused = _mlp_pair(monkeypatch, **keys)
+    assert fused.fused and not ours.fused
+    x = torch.randn(16, 2, 32)
+    dy = torch.randn(16, 2, 32)
+    outs = []
+    for layer in (ours, fused):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    torch.testing.assert_close(outs[1][1], outs[0][1], **TOL)
+    for name, grad in outs[0][2].items():
+        torch.testing.assert_close(outs[1][2][name], grad, **TOL, msg=name)
+
+
+def test_the_fused_layer_keeps_fc1_output_only(monkeypatch):
+    """Saved for backward: one [s, b, ffn] tensor (fc1's output), where the torch layer keeps two (fc1's and
+    the GELU's output)."""
+    ours, fused = _mlp_pair(monkeypatch)
+    x = torch.randn(16, 3, 32, requires_grad=True)
+    ffn_wide = 16 * 3 * 64  # (not the 64 x 32 weights' size)
+
+    def count(layer):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            layer(x)
+        return sum(n == ffn_wide for n in sizes)
+
+    assert (count(ours), count(fused)) == (2, 1)
+
+
+def test_compiled_fused_mlp_has_no_graph_break():
+    torch.manual_seed(1)
+    x, w1, b1, w2 = torch.randn(8, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16)
+    dy = torch.randn(8, 8)
+    compiled = torch.compile(lambda *t: gelu_mlp(*t, "none"), fullgraph=True, backend="aot_eager")
+    got, got_grads = _grads(compiled, x, w1, b1, w2, dy=dy)
+    want, want_grads = _grads(lambda *t: _unfused(*t, "none"), x, w1, b1, w2, dy=dy)
+    torch.testing.assert_close(got, want, **TOL)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def _check_tp2_fused_mlp(rank, world_size):
+    from megatron.mpu.initialize import initialize_model_parallel
+
+    mlp_module.check_mlp_support = lambda *a, **k: None  # this spawned process only
+    state = initialize_model_parallel(tp_size=2)
+    model_args, derived = make_args()
+    torch.manual_seed(5)
+    reference = ParallelMLP(model_args, derived, ParallelState.single())  # the init does not depend on tp
+    torch.manual_seed(5)
+    fused = ParallelMLP(make_args(mlp_impl="quack")[0], derived, state)
+    x = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for layer in (reference, fused):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    torch.testing.assert_close(outs[1][1], outs[0][1], **TOL)
+    half = slice(rank * 32, (rank + 1) * 32)  # this rank's shard of the 64 fc1 rows / fc2 columns
+    torch.testing.assert_close(fused.linear_fc1.weight.grad, reference.linear_fc1.weight.grad[half], **TOL)
+    torch.testing.assert_close(fused.linear_fc1.bias.grad, reference.linear_fc1.bias.grad[half], **TOL)
+    torch.testing.assert_close(fused.linear_fc2.weight.grad, reference.linear_fc2.weight.grad[:, half], **TOL)
+    torch.testing.assert_close(fused.linear_fc2.bias.grad, reference.linear_fc2.bias.grad, **TOL)
+
+
+def test_tensor_parallel_fused_mlp_equals_single_process():
+    run_distributed(_check_tp2_fused_mlp, 2)
+
+
+def test_mlp_support_refuses_what_cannot_run():
+    gelu, _ = make_args(mlp_impl="quack")
+    for model, dtype, sp, device, match in [
+            (make_args(mlp_impl="quack", activation="swiglu")[0], torch.bfloat16, False, "cuda", "activation"),
+            (gelu, torch.float32, False, "cuda", "bf16"),
+            (gelu, torch.bfloat16, True, "cuda", "sequence_parallel"),
+            (gelu, torch.bfloat16, False, "cpu", "CUDA GPUs only")]:
+        with pytest.raises(ConfigError, match=match) as error:
+            check_mlp_support(model, dtype, sequence_parallel=sp, device_type=device)
+        assert "mlp_impl: torch" in str(error.value)
+    check_mlp_support(make_args()[0], torch.float32, sequence_parallel=True, device_type="cpu")  # torch: no check
+
+
+def test_a_quack_layer_on_this_cpu_is_a_config_error():
+    model_args, derived = make_args(mlp_impl="quack")
+    with pytest.raises(ConfigError, match="mlp_impl"):
+        ParallelMLP(model_args, derived, ParallelState.single(), dtype=torch.bfloat16)

@@ -1,0 +1,33 @@
+"""`mlp_impl: quack` where the fused GELU MLP cannot run is one ConfigError at launch naming the keys, the
+file and the fix; where it can, the config validates (the package is checked when the model is built:
+tests/unit/model/test_fused_mlp.py)."""
+
+import pytest
+
+from megatron.neox_args import ConfigError, NeoXArgs
+
+from conftest import MINIMAL
+
+QUACK = {"mlp_impl": "quack", "activation": "gelu", "bf16": {"enabled": True}}
+
+
+@pytest.mark.parametrize("overrides, phrases", [
+    ({"activation": "relu"}, ["fuses the GELU MLP", "'relu'", "mlp_impl: torch"]),
+    ({"bf16": {"enabled": False}}, ["runs in bf16", "fp32", "bf16: {enabled: true}"]),
+    ({"model_parallel_size": 2, "sequence_parallel": True},
+     ["does not take sequence_parallel", "sequence_parallel: false"]),
+])
+def test_quack_mlp_where_it_cannot_run_is_a_config_error(overrides, phrases):
+    with pytest.raises(ConfigError) as info:
+        NeoXArgs.from_dict({**MINIMAL, **QUACK, **overrides}, source="run.yml", world_size=2)
+    message = str(info.value)
+    for phrase in phrases:
+        assert phrase in message, message
+    assert "run.yml" in message
+
+
+def test_quack_mlp_and_the_default_validate():
+    assert NeoXArgs.from_dict({**MINIMAL, **QUACK}, source="run.yml").model.mlp_impl == "quack"
+    assert NeoXArgs.from_dict(dict(MINIMAL), source="run.yml").model.mlp_impl is None
+    with pytest.raises(ConfigError, match="mlp_impl"):
+        NeoXArgs.from_dict({**MINIMAL, "mlp_impl": "cutlass"}, source="run.yml")
