@@ -13,14 +13,23 @@ QUACK_PACKAGE = "quack-kernels"
 """The pip package that provides `quack` (it brings nvidia-cutlass-dsl)."""
 
 
+_IMPORT_ERROR: list[str] = []
+"""Why the last `import_quack` failed (for the ConfigError)."""
+
+
 def import_quack():
     """quack's GEMM interface and our epilogue mods, or None where they do not import (no package, or the
-    CuTe DSL failing to load its libraries: e.g. a machine without CUDA)."""
+    CuTe DSL failing to load its libraries: e.g. a machine without CUDA).
+
+    quack keys its kernel cache by fingerprinting each epilogue's code, and takes code under a
+    `site-packages` (or `dist-packages`) folder as an installed library it keys by name; unpacked anywhere
+    else, cutlass's own internals are fingerprinted and our epilogues fail to build (TypeError at import)."""
     try:
         from quack import gemm_interface
 
         import megatron.model.quack_mlp_epilogue  # noqa: F401  (the epilogues fused_mlp's backward runs)
-    except Exception:  # ImportError, or the DSL's own errors at import
+    except Exception as error:  # ImportError, or the DSL's own errors at import
+        _IMPORT_ERROR[:] = [f"{type(error).__name__}: {str(error)[:300]}"]
         return None
     return gemm_interface
 
@@ -45,6 +54,6 @@ def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device
         raise ConfigError("mlp_impl: quack runs on CUDA GPUs only, and this run has none; set mlp_impl: torch.",
                           key="mlp_impl")
     if import_quack() is None:
-        raise ConfigError(f"mlp_impl: quack needs quack-kernels (`import quack`), which does not import here: "
-                          f"pip install {QUACK_PACKAGE} (CUDA; Hopper or Blackwell GPUs), or set mlp_impl: torch.",
-                          key="mlp_impl")
+        raise ConfigError(f"mlp_impl: quack needs quack-kernels (`import quack`), which does not import here "
+                          f"({_IMPORT_ERROR[0] if _IMPORT_ERROR else 'unknown error'}): pip install {QUACK_PACKAGE} "
+                          f"(CUDA; Hopper or Blackwell GPUs), or set mlp_impl: torch.", key="mlp_impl")

@@ -13,7 +13,14 @@ OUT=${OUT:-/tmp/throughput_out}; mkdir -p "$OUT"
 setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl $(ls .whl-tt/*.whl 2>/dev/null)
-  if [ -d .cute-b ]; then source .cute-b/install-cute.sh; fi
+  if [ -d .cute-b ]; then
+    source .cute-b/install-cute.sh
+    # quack keys its kernel cache by fingerprinting epilogue code and takes code under a site-packages folder
+    # as an installed library (keyed by name); unpacked in /tmp/cute its epilogues fail to build: import the
+    # unpacked wheels through a site-packages path (megatron/model/mlp_support.py)
+    mkdir -p /tmp/py && ln -sfn /tmp/cute /tmp/py/site-packages
+    CUTE_PATH=/tmp/py/site-packages:/tmp/py/site-packages/nvidia_cutlass_dsl/dsl_packages
+  fi
   export PYTHONPATH=$PWD:/tmp/site${CUTE_PATH:+:$CUTE_PATH}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 }
@@ -50,10 +57,12 @@ case "$stage" in
     $E --sizes 1.3B --seq 2048 --micro-batch 12 --out "$OUT/mlp_epilogue_1.3B.json" ;;
   mlp-quack)   # ~8 min, needs .cute-* (two commands, as for FA4): mlp_impl quack's GPU tests, the kernels against
     # cuBLAS + the compiled GELU per layer (also autotuned), then 410M with the default (quack chosen) and mlp_impl=torch
-    setup; timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -x 2>&1 | tail -15 || true
+    setup; timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -x > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
+    tail -25 "$OUT/pytest_fused_mlp.txt"
     E="timeout 150 python3 tools/bench/bench_mlp_epilogue.py --fused"
-    $E --sizes 410M,1.3B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_gelu.json" || true
-    $E --sizes 410M --seq 2048 --micro-batch 8 --tuned --out "$OUT/mlp_epilogue_gelu_tuned.json" || true
+    $E --sizes 410M,1.3B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_gelu.json" > "$OUT/mlp_epilogue.txt" 2>&1 || true
+    $E --sizes 410M --seq 2048 --micro-batch 8 --tuned --out "$OUT/mlp_epilogue_gelu_tuned.json" > "$OUT/mlp_epilogue_tuned.txt" 2>&1 || true
+    grep -v "^\s*$" "$OUT/mlp_epilogue.txt" "$OUT/mlp_epilogue_tuned.txt" | tail -30
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
       --out "$OUT/410M_mlp.json" --markdown ;;
   1.3b-mlp)   # ~4 min, needs .cute-*: 1.3B at 2048 x 12 with the default (quack chosen) and mlp_impl=torch
