@@ -77,8 +77,9 @@ def _run(layer, x, dy):
     xi = x.clone().requires_grad_()
     y = layer(xi)
     y.backward(dy)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad(set_to_none=True)
+    module = getattr(layer, "_orig_mod", layer)  # torch.compile's wrapper prefixes the parameter names
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad(set_to_none=True)
     return y.detach(), xi.grad, grads
 
 

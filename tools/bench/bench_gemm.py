@@ -116,8 +116,11 @@ def _time(fn, warmup: int, iters: int, device) -> float:
     return statistics.median(times)
 
 
-def time_gemm(pass_: str, m: int, n: int, k: int, warmup: int, iters: int, dtype, device) -> float:
+def time_gemm(pass_: str, m: int, n: int, k: int, warmup: int, iters: int, dtype, device, quack=None) -> float:
+    """ms of the GEMM on cuBLAS (`a @ b`) or, given `quack.gemm_interface`, on quack's autotuned GEMM."""
     a, b = _operands(pass_, m, n, k, dtype, device)
+    if quack is not None:
+        return _time(lambda: quack.gemm(a, b, tuned=True), warmup, iters, device)
     return _time(lambda: a @ b, warmup, iters, device)
 
 
@@ -144,8 +147,11 @@ def time_attention(args, micro_batch: int, seq: int, warmup: int, iters: int, dt
     return _time(fwd_bwd, warmup, iters, device)
 
 
-def floor_report(args, micro_batch: int, seq: int, warmup: int, iters: int, attention: bool, device) -> dict:
-    """Per GEMM: count, ms, TFLOP/s; and the floor: matmul ms per step, attention ms per step, the bound."""
+def floor_report(args, micro_batch: int, seq: int, warmup: int, iters: int, attention: bool, device,
+                 quack=None) -> dict:
+    """Per GEMM: count, ms, TFLOP/s; and the floor: matmul ms per step, attention ms per step, the bound.
+    With `quack` (quack.gemm_interface) each GEMM is also timed on quack's autotuned kernel (`quack_ms`),
+    and `matmul_ms_quack` / `matmul_ms_best` sum quack's times and the faster of the two per GEMM."""
     import torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -157,10 +163,15 @@ def floor_report(args, micro_batch: int, seq: int, warmup: int, iters: int, atte
         flops = 2.0 * m * n * k
         rows.append({"kind": kind, "pass": pass_, "m": m, "n": n, "k": k, "count": count, "ms": ms,
                      "tflops": flops / (ms * 1e-3) / 1e12})
+        if quack is not None:
+            rows[-1]["quack_ms"] = time_gemm(pass_, m, n, k, warmup, iters, dtype, device, quack)
         total_ms += count * ms
         total_flops += count * flops
     report = {"tokens_per_step": tokens, "gemms": rows, "matmul_ms": total_ms, "matmul_flops": total_flops,
               "matmul_tflops": total_flops / (total_ms * 1e-3) / 1e12}
+    if quack is not None:
+        report["matmul_ms_quack"] = sum(r["count"] * r["quack_ms"] for r in rows)
+        report["matmul_ms_best"] = sum(r["count"] * min(r["ms"], r["quack_ms"]) for r in rows)
     floor_ms = total_ms
     if attention:
         per_layer = time_attention(args, micro_batch, seq, warmup, iters, dtype, device)
@@ -199,23 +210,36 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", action="store_true", help="add the causal attention kernel (fwd + bwd)")
     parser.add_argument("--compare", type=float, action="append", default=[],
                         help="a measured tokens/s to set against the bound (repeatable)")
+    parser.add_argument("--quack", action="store_true",
+                        help="also time each GEMM on quack's autotuned kernel (CUDA, quack-kernels installed)")
     opts = parser.parse_args(argv)
     import torch
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quack = None
+    if opts.quack:
+        from bench_mlp_epilogue import import_quack
+
+        if device.type != "cuda":
+            raise SystemExit("--quack: quack's kernels run on CUDA only (this run's device is the CPU)")
+        quack = import_quack(required=True)
     reports = {}
     for size in [s for s in opts.sizes.split(",") if s]:
         args = bench_args(size, opts.seq, opts.micro_batch, device.type)
-        report = floor_report(args, opts.micro_batch, opts.seq, opts.warmup, opts.iters, opts.attention, device)
+        report = floor_report(args, opts.micro_batch, opts.seq, opts.warmup, opts.iters, opts.attention, device,
+                              quack)
         reports[size] = report
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"\n== {size}: seq {opts.seq} x micro-batch {opts.micro_batch} = {report['tokens_per_step']} tokens, "
               f"{name}, torch {torch.__version__} ==")
-        print("| GEMM | pass | m x n x k | per step | ms each | TFLOP/s |\n|---|---|---|---:|---:|---:|")
+        print("| GEMM | pass | m x n x k | per step | ms each | TFLOP/s | quack ms |\n|---|---|---|---:|---:|---:|---:|")
         for r in report["gemms"]:
             print(f"| {r['kind']} | {r['pass']} | {r['m']} x {r['n']} x {r['k']} | {r['count']} | {r['ms']:.3f} | "
-                  f"{r['tflops']:.0f} |")
+                  f"{r['tflops']:.0f} | {r.get('quack_ms', float('nan')):.3f} |")
         line = f"matmuls: {report['matmul_ms']:.1f} ms per step at {report['matmul_tflops']:.0f} TFLOP/s"
+        if quack is not None:
+            line += (f" (quack: {report['matmul_ms_quack']:.1f} ms; the faster of the two per GEMM: "
+                     f"{report['matmul_ms_best']:.1f} ms)")
         if "attention_ms" in report:
             line += f"; attention kernel: {report['attention_ms']:.1f} ms"
         print(f"{line}; floor {report['floor_ms']:.1f} ms -> at most {report['max_tokens_per_s']:,.0f} tokens/s")

@@ -56,3 +56,8 @@ def test_the_floor_is_the_sum_of_what_was_timed():
     assert report["matmul_ms"] == pytest.approx(timed)
     assert report["floor_ms"] == pytest.approx(timed + report["attention_ms"])
     assert report["max_tokens_per_s"] == pytest.approx(32 / (report["floor_ms"] * 1e-3))
+
+
+def test_quack_column_is_refused_off_cuda():
+    with pytest.raises(SystemExit, match="CUDA only"):
+        bench_gemm.main(["--sizes", "tiny", "--seq", "32", "--micro-batch", "1", "--device", "cpu", "--quack"])
