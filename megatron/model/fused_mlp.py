@@ -37,12 +37,6 @@ from torch import Tensor
 QUACK_GELU = {"none": "gelu_erf", "tanh": "gelu_tanh_approx"}
 """ParallelMLP's `gelu_approximate` ("none": erf, "tanh") -> quack's activation name."""
 
-QUACK_TUNED = True
-"""quack autotunes each GEMM shape on first sight (compiles several tile configs, once per process) rather
-than taking its per-arch default config: measured on one H200 (410M layer, 16384 tokens, bf16), fc1 + GELU
-0.217 ms tuned against 0.254 default, the data gradient with the bias sum 0.305 against 0.380
-(tools/bench/bench_mlp_epilogue.py, docs/PERFORMANCE.md)."""
-
 
 def _fc1_reference(x: Tensor, w1: Tensor, b1: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
     """(P, Z) in fp32 arithmetic, rounded to x's dtype, as the epilogue does."""
@@ -60,25 +54,26 @@ def _dgrad_reference(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str,
 
 
 @torch.library.custom_op("neox::gelu_fc1", mutates_args=())
-def gelu_fc1(x: Tensor, w1: Tensor, b1: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
-    """x `[T, h]`, W1 `[f, h]`, b1 `[f]` -> (P, Z = gelu(P)), `[T, f]` each."""
+def gelu_fc1(x: Tensor, w1: Tensor, b1: Optional[Tensor], approximate: str, tuned: bool) -> tuple[Tensor, Tensor]:
+    """x `[T, h]`, W1 `[f, h]`, b1 `[f]` -> (P, Z = gelu(P)), `[T, f]` each. `tuned`: quack autotunes the shape
+    on first sight (`mlp_autotune`) instead of taking its per-arch default config."""
     if not x.is_cuda:
         return _fc1_reference(x, w1, b1, approximate)
     from quack.gemm_interface import gemm_act
 
-    preact, postact = gemm_act(x, w1.t(), bias=b1, activation=QUACK_GELU[approximate], tuned=QUACK_TUNED)
+    preact, postact = gemm_act(x, w1.t(), bias=b1, activation=QUACK_GELU[approximate], tuned=tuned)
     return preact, postact
 
 
 @gelu_fc1.register_fake
-def _(x, w1, b1, approximate):
+def _(x, w1, b1, approximate, tuned):
     shape = (x.shape[0], w1.shape[0])
     return x.new_empty(shape), x.new_empty(shape)
 
 
 @torch.library.custom_op("neox::dgelu_fc2_dgrad", mutates_args=())
-def dgelu_fc2_dgrad(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str,
-                    bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def dgelu_fc2_dgrad(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str, bias_grad: bool,
+                    tuned: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dY `[T, h]`, W2 `[h, f]`, P `[T, f]` -> (dP `[T, f]`, Z `[T, f]`, db1 `[f]` fp32, or empty)."""
     if not dy.is_cuda:
         return _dgrad_reference(dy, w2, preact, approximate, bias_grad)
@@ -86,18 +81,18 @@ def dgelu_fc2_dgrad(dy: Tensor, w2: Tensor, preact: Tensor, approximate: str,
     if not bias_grad:
         from quack.gemm_interface import gemm_dact
 
-        dp, z = gemm_dact(dy, w2, preact, activation=activation, tuned=QUACK_TUNED)
+        dp, z = gemm_dact(dy, w2, preact, activation=activation, tuned=tuned)
         return dp, z, dy.new_empty(0, dtype=torch.float32)
     from megatron.model.quack_mlp_epilogue import DGELU_DBIAS
 
     out = DGELU_DBIAS[activation](dy, w2, preact, out={"D": torch.empty_like(preact),
                                                         "postact": torch.empty_like(preact)},
-                                  tuned=QUACK_TUNED, dynamic_scheduler=True)
+                                  tuned=tuned, dynamic_scheduler=True)
     return out["D"], out["postact"], out["dbias"].reshape(-1).float()
 
 
 @dgelu_fc2_dgrad.register_fake
-def _(dy, w2, preact, approximate, bias_grad):
+def _(dy, w2, preact, approximate, bias_grad, tuned):
     return (torch.empty_like(preact), torch.empty_like(preact),
             preact.new_empty(preact.shape[1] if bias_grad else 0, dtype=torch.float32))
 
@@ -106,26 +101,28 @@ class _GeluMLP(torch.autograd.Function):
     """Y = gelu(X W1ᵀ + b1) W2ᵀ on `[T, h]` tokens (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, approximate: str):
-        preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate)  # [T, f] each
+    def forward(ctx, x, w1, b1, w2, approximate: str, tuned: bool):
+        preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate, tuned)  # [T, f] each
         ctx.save_for_backward(x, w1, w2, preact)
-        ctx.approximate, ctx.has_bias = approximate, b1 is not None
+        ctx.approximate, ctx.has_bias, ctx.tuned = approximate, b1 is not None, tuned
         return F.linear(postact, w2)  # [T, h]
 
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, preact = ctx.saved_tensors
         dy = dy.contiguous()  # [T, h]
-        dpreact, postact, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, preact, ctx.approximate, ctx.has_bias)
+        dpreact, postact, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, preact, ctx.approximate, ctx.has_bias,
+                                                               ctx.tuned)
         dw2 = dy.t() @ postact  # [h, f]
         dx = dpreact @ w1  # [T, h]
         dw1 = dpreact.t() @ x  # [f, h]
-        return dx, dw1, db1.to(w1.dtype) if ctx.has_bias else None, dw2, None
+        return dx, dw1, db1.to(w1.dtype) if ctx.has_bias else None, dw2, None, None
 
 
-def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, approximate: str) -> Tensor:
-    """x `[..., h]` -> this rank's partial fc2 output `[..., h]` (before the reduction and fc2's bias)."""
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, approximate: str, tuned: bool = False) -> Tensor:
+    """x `[..., h]` -> this rank's partial fc2 output `[..., h]` (before the reduction and fc2's bias);
+    `tuned`: quack autotunes its two GEMM shapes on first sight (`mlp_autotune`)."""
     if approximate not in QUACK_GELU:
         raise ValueError(f"gelu_mlp: approximate must be one of {sorted(QUACK_GELU)}, got {approximate!r}")
-    y = _GeluMLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, approximate)
+    y = _GeluMLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, approximate, tuned)
     return y.view(*x.shape[:-1], w2.shape[0])

@@ -75,6 +75,7 @@ class ParallelMLP(nn.Module):
         self.fused = model.mlp_impl == "quack"  # checked where it can run: megatron/model/mlp_support.py
         if self.fused:
             check_mlp_support(model, dtype, sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1)
+        self.autotune = model.mlp_autotune
         self.tp_group = parallel.tp_group
         self.recompute_act = False  # set by GPTModel for recompute_modules: [mlp_act]
         column = dict(
@@ -116,7 +117,7 @@ class ParallelMLP(nn.Module):
         if self.fused:
             x = copy_to_tensor_parallel_region(x, self.tp_group)  # [s, b, h], as linear_fc1 does
             partial = gelu_mlp(x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
-                               self.gelu_approximate)  # [s, b, h], this rank's share of fc2's sum
+                               self.gelu_approximate, self.autotune)  # [s, b, h], this rank's share of fc2's sum
             return self.linear_fc2.reduce_partial(partial)
         up = self.linear_fc1(x)  # [s, b, ffn/tp]
         gate = self.linear_gate(x) if self.linear_gate is not None else None

@@ -133,6 +133,12 @@ class ModelArgs:
     `[s, b, intermediate/tp]` tensor per layer less. null (the default) chooses for the device at start
     (megatron/training/device_defaults.py)."""
 
+    mlp_autotune: bool = False
+    """With `mlp_impl: quack`: quack autotunes its two GEMM shapes at the first step (it times several tile
+    configs, once per process) instead of taking its per-arch default config. Off by default: the default
+    config is what was measured in training; autotuned, the two kernels alone were faster on an H200
+    (docs/PERFORMANCE.md)."""
+
     sliding_window_width: Optional[int] = None
     """Sliding-window attention (GPT-NeoX's key, e.g. 4096 in its Mistral config): query i attends to keys
     i - w .. i (itself and the w tokens before it), through the kernels' window support (never a mask of

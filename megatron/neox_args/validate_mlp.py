@@ -12,6 +12,9 @@ from megatron.neox_args.validate_long_seq import _fail, _precision
 def check_mlp_impl(args: Any, sources: Mapping[str, str]) -> None:
     """ConfigError when `mlp_impl: quack` is set where the fused GELU MLP cannot run."""
     model = args.model
+    if model.mlp_autotune and model.mlp_impl == "torch":
+        raise _fail(sources, "mlp_autotune: true tunes quack's kernels, and mlp_impl is torch {where}; set "
+                             "mlp_impl: quack (or leave it unset), or drop mlp_autotune.", "mlp_autotune", "mlp_impl")
     if model.mlp_impl != "quack":
         return
     if model.activation != "gelu":

@@ -121,13 +121,14 @@ def _precision_bytes(precision: str) -> int:
 
 
 def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, compiled: bool,
-                              recompute_modules=(), checkpointed: bool = True) -> float:
+                              recompute_modules=(), checkpointed: bool = True, fused_mlp: bool = False) -> float:
     """Elements (in units of E = s b h) autograd keeps for one layer's backward; `recompute_modules` drops
     the attention output (core_attn) or the MLP activation's output (mlp_act). A compiled layer recomputes
     its MLP activation in backward when it runs inside an activation checkpoint (`checkpointed`, the
     recomputed chunk), but keeps one ffn-wide tensor more when it runs without one: measured on one H200
     (2026-12-01, 2k tokens, bf16, no checkpointing: llama-1B shape 39.72 GiB, 410M 20.69, 1.3B 63.50, all
-    within 3% with it and 10-16% under without it; tests/unit/training/test_memory_estimate.py)."""
+    within 3% with it and 10-16% under without it; tests/unit/training/test_memory_estimate.py). The fused
+    GELU MLP (`fused_mlp`, mlp_impl quack) keeps fc1's output only, compiled or not (410M: 16.18 GiB measured)."""
     h, heads, kv = model.hidden_size, model.num_attention_heads, derived.num_kv_heads
     head_dim = h // heads
     qkv = (heads + 2 * kv) * head_dim / h
@@ -140,7 +141,9 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     from megatron.neox_args.derive import GATED_ACTIVATIONS
 
     gated = model.activation in GATED_ACTIVATIONS
-    if compiled:  # gate and up (gated) or fc1's output; one ffn-wide tensor more without a checkpoint (measured)
+    if fused_mlp:  # fc1's output; the GELU's is recomputed in the data gradient's epilogue
+        per_ffn = 1.0
+    elif compiled:  # gate and up (gated) or fc1's output; one ffn-wide tensor more without a checkpoint (measured)
         per_ffn = (2.0 if gated else 1.0) + (0.0 if checkpointed else 1.0)
     else:  # the same plus act(gate) and the product, or the activation's output, unless recomputed
         per_ffn = (4.0 if gated else 2.0) - (1.0 if "mlp_act" in recompute_modules else 0.0)
@@ -161,6 +164,22 @@ def kept_attention_bytes(model, derived, tp: int, micro: int, a: int) -> float:
     tokens = micro * model.seq_length
     heads, kv = model.num_attention_heads / tp, derived.num_kv_heads / tp
     return tokens * ((2 * heads + 2 * kv) * head_dim * a + 4 * heads)
+
+
+def resolved_mlp_impl(args, device_type: str) -> str:
+    """`mlp_impl` as the run will resolve it (megatron/training/device_defaults.py): what was written, else
+    on a machine with the CUDA device the run uses, the device's choice; else the torch layer."""
+    if args.model.mlp_impl is not None:
+        return args.model.mlp_impl
+    import torch
+
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return "torch"
+    from megatron.training.device_defaults import resolve_device_defaults
+
+    sequence_parallel = args.parallel.sequence_parallel and args.parallel.model_parallel_size > 1
+    return resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
+                                   sequence_parallel=sequence_parallel).mlp_impl
 
 
 def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
@@ -208,7 +227,8 @@ def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:
     e_local = e / tp if sp else e
     compiled = training.torch_compile if training.torch_compile is not None else device_type == "cuda"
     per_layer = layer_activation_elements(model, derived, tp, sp, compiled, training.recompute_modules,
-                                          checkpointed=training.checkpoint_activations) * e
+                                          checkpointed=training.checkpoint_activations,
+                                          fused_mlp=resolved_mlp_impl(args, device_type) == "quack") * e
     layers = model.num_layers
     if training.checkpoint_activations:
         k = training.checkpoint_num_layers

@@ -1,8 +1,10 @@
 """`mlp_impl: quack` on a GPU (`python -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q`).
 
 - quack's two kernels (`neox::gelu_fc1`, `neox::dgelu_fc2_dgrad`, megatron/model/fused_mlp.py) against the
-  same math in fp32 torch on the same bf16 inputs, exact and tanh GELU, with and without fc1's bias;
-- ParallelMLP on quack against the torch layer in bf16 (output and every gradient), eager and compiled;
+  same math in fp32 torch on the same bf16 inputs, exact and tanh GELU, with and without fc1's bias, and
+  autotuned (`mlp_autotune`);
+- ParallelMLP on quack against the torch layer in bf16 (output and every gradient), eager, compiled, and
+  compiled with autotuning (which then runs inside the backward pass);
 - the memory autograd keeps at the end of a forward: one [s, b, ffn] bf16 tensor less than the torch layer.
 
 They need quack-kernels and the CuTe DSL (../shared/gpu/make-cute-wheels.sh); without them they fail with
@@ -39,19 +41,20 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_quack_kernels_equal_fp32_math(approximate, bias):
+@pytest.mark.parametrize("approximate, bias, tuned", [("none", True, False), ("none", False, False),
+                                                     ("tanh", True, False), ("tanh", False, False),
+                                                     ("none", True, True)])
+def test_quack_kernels_equal_fp32_math(approximate, bias, tuned):
     t, h, f = 4096, 1024, 4096  # 410M's layer at 2 x 2048 tokens
     dev = dict(device="cuda", dtype=torch.bfloat16)
     x, dy = torch.randn(t, h, **dev), torch.randn(t, h, **dev)
     w1, w2 = torch.randn(f, h, **dev) / h ** 0.5, torch.randn(h, f, **dev) / f ** 0.5
     b1 = torch.randn(f, **dev) if bias else None
-    preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate)
+    preact, postact = torch.ops.neox.gelu_fc1(x, w1, b1, approximate, tuned)
     want_p, want_z = _fc1_reference(x, w1, b1, approximate)
     assert preact.dtype == postact.dtype == torch.bfloat16
     assert _rel(preact, want_p) < BF16 and _rel(postact, want_z) < BF16
-    dp, z, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, want_p, approximate, bias)
+    dp, z, db1 = torch.ops.neox.dgelu_fc2_dgrad(dy, w2, want_p, approximate, bias, tuned)
     want_dp, want_z2, want_db1 = _dgrad_reference(dy, w2, want_p, approximate, bias)
     assert _rel(dp, want_dp) < BF16 and _rel(z, want_z2) < BF16
     if bias:
@@ -60,14 +63,14 @@ def test_quack_kernels_equal_fp32_math(approximate, bias):
         assert db1.numel() == 0
 
 
-def _layers(**keys):
+def _layers(autotune=False, **keys):
     fields = dict(num_layers=1, hidden_size=1024, num_attention_heads=16, seq_length=2048, pos_emb="rotary")
     fields.update(keys)
     derived = DerivedArgs(num_kv_heads=16, intermediate_size=4096, max_position_embeddings=2048, vocab_size=128,
                           padded_vocab_size=128)
     torch.manual_seed(5)
     ours = ParallelMLP(ModelArgs(**fields), derived, ParallelState.single(), dtype=torch.bfloat16).cuda()
-    fused = ParallelMLP(ModelArgs(mlp_impl="quack", **fields), derived, ParallelState.single(),
+    fused = ParallelMLP(ModelArgs(mlp_impl="quack", mlp_autotune=autotune, **fields), derived, ParallelState.single(),
                         dtype=torch.bfloat16).cuda()
     fused.load_state_dict(ours.state_dict())
     return ours, fused
@@ -83,9 +86,9 @@ def _run(layer, x, dy):
     return y.detach(), xi.grad, grads
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled):
-    ours, fused = _layers()
+@pytest.mark.parametrize("compiled, autotune", [(False, False), (True, False), (True, True)])
+def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled, autotune):
+    ours, fused = _layers(autotune)
     x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     y, dx, grads = _run(ours, x, dy)

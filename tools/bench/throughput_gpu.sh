@@ -65,13 +65,14 @@ case "$stage" in
     grep -v "^\s*$" "$OUT/mlp_epilogue.txt" "$OUT/mlp_epilogue_tuned.txt" | tail -30
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
       --out "$OUT/410M_mlp.json" --markdown ;;
-  mlp-train)   # ~7 min, needs .cute-*: the GPU tests, then 410M (2048 x 8) and 1.3B (2048 x 12) with the default
-    # (mlp_impl quack chosen) and mlp_impl=torch, each in one run
+  mlp-train)   # ~6 min, needs .cute-*: the fused MLP's GPU tests, then 410M (2048 x 8) with the default (mlp_impl
+    # quack chosen), with mlp_autotune, and with mlp_impl=torch, in one run
     setup; timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
     tail -4 "$OUT/pytest_fused_mlp.txt"
-    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
-      --out "$OUT/410M_mlp.json" --markdown | grep "^| 410M" || true
-    $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "tuned: mlp_autotune=true" \
+      --variant "torch: mlp_impl=torch" --out "$OUT/410M_mlp.json" --markdown | grep "^| 410M" || true ;;
+  mlp-train-1.3b)   # ~4 min, needs .cute-*: 1.3B (2048 x 12) with the default (mlp_impl quack chosen) and mlp_impl=torch
+    setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
       --variant "default:" --variant "torch: mlp_impl=torch" --out "$OUT/1-3B_mlp.json" --markdown | grep "^| 1.3B" || true ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
     # on quack's autotuned GEMM (is quack the faster GEMM on these shapes?)
@@ -81,5 +82,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack mlp-train gemm-quack gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b gemm-quack gpu-tests" ;;
 esac

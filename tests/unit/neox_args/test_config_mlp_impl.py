@@ -16,6 +16,7 @@ QUACK = {"mlp_impl": "quack", "activation": "gelu", "bf16": {"enabled": True}}
     ({"bf16": {"enabled": False}}, ["runs in bf16", "fp32", "bf16: {enabled: true}"]),
     ({"model_parallel_size": 2, "sequence_parallel": True},
      ["does not take sequence_parallel", "sequence_parallel: false"]),
+    ({"mlp_impl": "torch", "mlp_autotune": True}, ["mlp_autotune: true tunes quack's kernels", "mlp_impl: quack"]),
 ])
 def test_quack_mlp_where_it_cannot_run_is_a_config_error(overrides, phrases):
     with pytest.raises(ConfigError) as info:
@@ -29,5 +30,7 @@ def test_quack_mlp_where_it_cannot_run_is_a_config_error(overrides, phrases):
 def test_quack_mlp_and_the_default_validate():
     assert NeoXArgs.from_dict({**MINIMAL, **QUACK}, source="run.yml").model.mlp_impl == "quack"
     assert NeoXArgs.from_dict(dict(MINIMAL), source="run.yml").model.mlp_impl is None
+    assert NeoXArgs.from_dict({**MINIMAL, **QUACK, "mlp_autotune": True}, source="run.yml").model.mlp_autotune
+    assert NeoXArgs.from_dict({**MINIMAL, "mlp_autotune": True}, source="run.yml").model.mlp_autotune  # unset impl
     with pytest.raises(ConfigError, match="mlp_impl"):
         NeoXArgs.from_dict({**MINIMAL, "mlp_impl": "cutlass"}, source="run.yml")

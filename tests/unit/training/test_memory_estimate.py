@@ -66,6 +66,17 @@ def test_device_estimate_with_freed_sums_matches_the_h200_measurements(size_file
     assert estimate_memory(args).device_bytes / GIB == pytest.approx(peak_gib, rel=0.04)
 
 
+def test_device_estimate_with_the_fused_mlp_matches_the_h200_measurement():
+    """410M at 2048 x 8 with mlp_impl quack: 16.18 GiB measured against 19.18 for the torch layer in the same
+    run (one H200, commit 283ff9c, docs/measurements/2026-12-01_h200_bench_410M_mlp_untuned_283ff9c.json)."""
+    common = dict(seq_length=2048, max_position_embeddings=2048, torch_compile=True, checkpoint_activations=False,
+                  train_micro_batch_size_per_gpu=8, bf16={"enabled": True})
+    fused = estimate_memory(_args("410M.yml", mlp_impl="quack", **common)).device_bytes / GIB
+    unfused = estimate_memory(_args("410M.yml", mlp_impl="torch", **common)).device_bytes / GIB
+    assert fused == pytest.approx(16.18, rel=0.04) and unfused == pytest.approx(19.18, rel=0.04)
+    assert unfused - fused == pytest.approx(24 * 16384 * 4096 * 2 / GIB)  # one [s, b, ffn] bf16 tensor a layer
+
+
 def test_freed_gradient_sums_count_only_after_backward():
     """free_grad_sums_between_steps: with one micro-batch per step the fp32 sums (4 P) exist beside the bf16
     gradients (a P) after backward, never beside a forward's activations; with more micro-batches they live
