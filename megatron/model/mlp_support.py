@@ -9,8 +9,9 @@ import torch
 
 from megatron.neox_args.errors import ConfigError
 
-QUACK_PACKAGE = "quack-kernels"
-"""The pip package that provides `quack` (it brings nvidia-cutlass-dsl)."""
+QUACK_PACKAGE = "quack-kernels>=0.6.5"
+"""The pip requirement that provides `quack` with its composable epilogues (it brings nvidia-cutlass-dsl;
+requirements/requirements-quack.txt)."""
 
 
 _IMPORT_ERROR: list[str] = []
@@ -55,5 +56,5 @@ def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device
                           key="mlp_impl")
     if import_quack() is None:
         raise ConfigError(f"mlp_impl: quack needs quack-kernels (`import quack`), which does not import here "
-                          f"({_IMPORT_ERROR[0] if _IMPORT_ERROR else 'unknown error'}): pip install {QUACK_PACKAGE} "
+                          f"({_IMPORT_ERROR[0] if _IMPORT_ERROR else 'unknown error'}): pip install '{QUACK_PACKAGE}' "
                           f"(CUDA; Hopper or Blackwell GPUs), or set mlp_impl: torch.", key="mlp_impl")

@@ -158,6 +158,16 @@ def test_mlp_support_refuses_what_cannot_run():
     check_mlp_support(make_args()[0], torch.float32, sequence_parallel=True, device_type="cpu")  # torch: no check
 
 
+def test_a_missing_quack_is_a_config_error_naming_the_package(monkeypatch):
+    import megatron.model.mlp_support as support
+
+    monkeypatch.setattr(support, "_IMPORT_ERROR", [])
+    monkeypatch.setitem(__import__("sys").modules, "quack", None)  # `import quack` raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'quack-kernels>=0.6.5'.*mlp_impl: torch") as error:
+        check_mlp_support(make_args(mlp_impl="quack")[0], torch.bfloat16, sequence_parallel=False, device_type="cuda")
+    assert "ModuleNotFoundError" in str(error.value)  # the reason it did not import
+
+
 def test_a_quack_layer_on_this_cpu_is_a_config_error():
     model_args, derived = make_args(mlp_impl="quack")
     with pytest.raises(ConfigError, match="mlp_impl"):
