@@ -97,6 +97,89 @@ def _(dy, w2, preact, approximate, bias_grad, tuned):
             preact.new_empty(preact.shape[1] if bias_grad else 0, dtype=torch.float32))
 
 
+def interleave(gate: Tensor, up: Tensor) -> Tensor:
+    """[T, f] gate and up -> [T, 2f] with column 2j = gate[:, j], 2j+1 = up[:, j]: quack's layout of a gated
+    preactivation (and of its gradient)."""
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+def _swiglu_fc1_reference(x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor]:
+    """(P interleaved [T, 2f], Z = silu(gate) * up [T, f]) in fp32 arithmetic, rounded to x's dtype."""
+    gate, up = F.linear(x.float(), w_gate.float()), F.linear(x.float(), w_up.float())
+    return interleave(gate, up).to(x.dtype), (F.silu(gate) * up).to(x.dtype)
+
+
+def _dswiglu_reference(dy: Tensor, w2: Tensor, preact: Tensor) -> tuple[Tensor, Tensor]:
+    """(dP interleaved [T, 2f], Z [T, f]): dgate = dZ up silu'(gate), dup = dZ silu(gate), dZ = dY W2."""
+    dz, gate, up = dy.float() @ w2.float(), preact[:, 0::2].float(), preact[:, 1::2].float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    d_gate = dz * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+    return interleave(d_gate, dz * silu).to(dy.dtype), (silu * up).to(dy.dtype)
+
+
+def _swiglu_fc1_grads_reference(dpreact: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor]:
+    """(dX, [dW_gate; dW_up]) from the interleaved dP, in fp32 arithmetic rounded to the inputs' dtypes."""
+    d_gate, d_up = dpreact[:, 0::2].float(), dpreact[:, 1::2].float()
+    dx = d_gate @ w_gate.float() + d_up @ w_up.float()
+    return dx.to(x.dtype), torch.cat((d_gate.t() @ x.float(), d_up.t() @ x.float())).to(w_gate.dtype)
+
+
+@torch.library.custom_op("neox::swiglu_fc1", mutates_args=())
+def swiglu_fc1(x: Tensor, w_gate: Tensor, w_up: Tensor, tuned: bool) -> tuple[Tensor, Tensor]:
+    """x `[T, h]`, gate and up weights `[f, h]` each -> (P `[T, 2f]` interleaved, Z = silu(gate) * up `[T, f]`).
+    quack reads the two weights as one `[gate; up]` matrix (`concat_layout`: a copy of 2 f h, not of P)."""
+    if not x.is_cuda:
+        return _swiglu_fc1_reference(x, w_gate, w_up)
+    from quack.gemm_interface import gemm_gated
+
+    w_cat = torch.cat((w_gate, w_up), dim=0)  # [2f, h]; its transpose's N dim is [gate | up]
+    preact, postact = gemm_gated(x, w_cat.t(), activation="swiglu", concat_layout=("B",), tuned=tuned)
+    return preact, postact
+
+
+@swiglu_fc1.register_fake
+def _(x, w_gate, w_up, tuned):
+    return x.new_empty(x.shape[0], 2 * w_gate.shape[0]), x.new_empty(x.shape[0], w_gate.shape[0])
+
+
+@torch.library.custom_op("neox::dswiglu_fc2_dgrad", mutates_args=())
+def dswiglu_fc2_dgrad(dy: Tensor, w2: Tensor, preact: Tensor, tuned: bool) -> tuple[Tensor, Tensor]:
+    """dY `[T, h]`, W2 `[h, f]`, P `[T, 2f]` interleaved -> (dP `[T, 2f]` interleaved, Z `[T, f]` recomputed)."""
+    if not dy.is_cuda:
+        return _dswiglu_reference(dy, w2, preact)
+    from quack.gemm_interface import gemm_dgated
+
+    dpreact, postact = gemm_dgated(dy, w2, preact, activation="swiglu", tuned=tuned)
+    return dpreact, postact
+
+
+@dswiglu_fc2_dgrad.register_fake
+def _(dy, w2, preact, tuned):
+    return torch.empty_like(preact), preact.new_empty(preact.shape[0], preact.shape[1] // 2)
+
+
+@torch.library.custom_op("neox::swiglu_fc1_grads", mutates_args=())
+def swiglu_fc1_grads(dpreact: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor,
+                     tuned: bool) -> tuple[Tensor, Tensor]:
+    """dP `[T, 2f]` interleaved -> (dX = dgate W_gate + dup W_up `[T, h]`, [dW_gate; dW_up] = [dgateᵀ X; dupᵀ X]
+    `[2f, h]`): two quack GEMMs that read dP's interleaved columns as the concatenation they stand for."""
+    if not dpreact.is_cuda:
+        return _swiglu_fc1_grads_reference(dpreact, x, w_gate, w_up)
+    from quack.gemm_interface import gemm
+
+    w_cat = torch.cat((w_gate, w_up), dim=0)  # [2f, h]: its K dim (rows) is [gate; up]
+    dx = gemm(dpreact, w_cat, concat_layout=("B",), dynamic_scheduler=True, tuned=tuned)
+    dw_cat = gemm(dpreact.t(), x, concat_layout=("out",), out_dtype=w_gate.dtype, dynamic_scheduler=True,
+                  tuned=tuned)
+    return dx, dw_cat
+
+
+@swiglu_fc1_grads.register_fake
+def _(dpreact, x, w_gate, w_up, tuned):
+    return torch.empty_like(x), w_gate.new_empty(2 * w_gate.shape[0], w_gate.shape[1])
+
+
 class _GeluMLP(torch.autograd.Function):
     """Y = gelu(X W1ᵀ + b1) W2ᵀ on `[T, h]` tokens (module docstring)."""
 
@@ -117,6 +200,33 @@ class _GeluMLP(torch.autograd.Function):
         dx = dpreact @ w1  # [T, h]
         dw1 = dpreact.t() @ x  # [f, h]
         return dx, dw1, db1.to(w1.dtype) if ctx.has_bias else None, dw2, None, None
+
+
+class _SwiGLUMLP(torch.autograd.Function):
+    """Y = (silu(X W_gateᵀ) * X W_upᵀ) W2ᵀ on `[T, h]` tokens (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w2, tuned: bool):
+        preact, postact = torch.ops.neox.swiglu_fc1(x, w_gate, w_up, tuned)  # [T, 2f] interleaved, [T, f]
+        ctx.save_for_backward(x, w_gate, w_up, w2, preact)
+        ctx.tuned = tuned
+        return F.linear(postact, w2)  # [T, h]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate, w_up, w2, preact = ctx.saved_tensors
+        dy = dy.contiguous()  # [T, h]
+        dpreact, postact = torch.ops.neox.dswiglu_fc2_dgrad(dy, w2, preact, ctx.tuned)
+        dw2 = dy.t() @ postact  # [h, f]
+        dx, dw_cat = torch.ops.neox.swiglu_fc1_grads(dpreact, x, w_gate, w_up, ctx.tuned)
+        dw_gate, dw_up = dw_cat.chunk(2, dim=0)  # [f, h] each, rows of one buffer
+        return dx, dw_gate, dw_up, dw2, None
+
+
+def swiglu_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w2: Tensor, tuned: bool = False) -> Tensor:
+    """x `[..., h]` -> this rank's partial fc2 output `[..., h]` of the SwiGLU MLP (no biases)."""
+    y = _SwiGLUMLP.apply(x.reshape(-1, x.shape[-1]), w_gate, w_up, w2, tuned)
+    return y.view(*x.shape[:-1], w2.shape[0])
 
 
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, approximate: str, tuned: bool = False) -> Tensor:

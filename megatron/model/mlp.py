@@ -15,10 +15,10 @@ The MLP acts on each token alone, so this is exact; each chunk is run under acti
 (only its input is kept, its `[c, b, intermediate/tp]` activations are recomputed in backward), so the
 `[s, b, intermediate/tp]` intermediate never exists whole, forward or backward.
 
-With `mlp_impl: quack` (a GELU MLP on CUDA, no sequence parallelism) fc1, the GELU and fc2's data gradient
-run as quack GEMMs with the activation in their epilogues (megatron/model/fused_mlp.py); the input mapping,
-the reduction and fc2's bias are the same as below. It keeps fc1's output only, as `mlp_act` recomputation
-does, for free.
+With `mlp_impl: quack` (a GELU MLP, or a SwiGLU MLP without biases; CUDA, no sequence parallelism) fc1 (and
+the gate), the activation and fc2's data gradient run as quack GEMMs with the activation in their epilogues
+(megatron/model/fused_mlp.py); the input mapping, the reduction and fc2's bias are the same as below. It keeps
+fc1's (and the gate's) output only, as `mlp_act` recomputation does, for free.
 
 With `recompute_modules: [mlp_act]` the activation's output (fc2's input) is not kept for fc2's weight
 gradient: it is recomputed from fc1's (and the gate's) output, which the activation's own backward keeps
@@ -35,7 +35,7 @@ from torch import nn
 
 from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.mlp_support import check_mlp_support
-from megatron.model.fused_mlp import gelu_mlp
+from megatron.model.fused_mlp import gelu_mlp, swiglu_mlp
 from megatron.mpu.initialize import ParallelState
 from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.mpu.mappings import copy_to_tensor_parallel_region
@@ -116,8 +116,12 @@ class ParallelMLP(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             x = copy_to_tensor_parallel_region(x, self.tp_group)  # [s, b, h], as linear_fc1 does
-            partial = gelu_mlp(x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
-                               self.gelu_approximate, self.autotune)  # [s, b, h], this rank's share of fc2's sum
+            if self.linear_gate is not None:  # swiglu: silu(gate(x)) * fc1(x)
+                partial = swiglu_mlp(x, self.linear_gate.weight, self.linear_fc1.weight, self.linear_fc2.weight,
+                                     self.autotune)  # [s, b, h], this rank's share of fc2's sum
+            else:
+                partial = gelu_mlp(x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
+                                   self.gelu_approximate, self.autotune)
             return self.linear_fc2.reduce_partial(partial)
         up = self.linear_fc1(x)  # [s, b, ffn/tp]
         gate = self.linear_gate(x) if self.linear_gate is not None else None

@@ -1,5 +1,5 @@
 """Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here: quack installed, a CUDA GPU, a
-GELU MLP in bf16 without sequence parallelism. Checked when the model is built (the launch-time checks that
+GELU MLP (or a SwiGLU one without biases) in bf16 without sequence parallelism. Checked when the model is built (the launch-time checks that
 need no package are megatron/neox_args/validate_mlp.py). Every failure is a ConfigError naming the key and
 the fix."""
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 
 from megatron.neox_args.errors import ConfigError
+
+FUSED_ACTIVATIONS = ("gelu", "swiglu")
+"""The MLP activations megatron/model/fused_mlp.py fuses (SwiGLU without biases)."""
 
 QUACK_PACKAGE = "quack-kernels>=0.6.5"
 """The pip requirement that provides `quack` with its composable epilogues (it brings nvidia-cutlass-dsl;
@@ -40,9 +43,12 @@ def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device
     parameters'; `sequence_parallel`: in effect, i.e. with more than one tensor-parallel rank)."""
     if model.mlp_impl != "quack":
         return
-    if model.activation != "gelu":
-        raise ConfigError(f"mlp_impl: quack fuses the GELU MLP, and activation is {model.activation!r}; set "
-                          f"activation: gelu, or mlp_impl: torch.", key="mlp_impl")
+    if model.activation not in FUSED_ACTIVATIONS:
+        raise ConfigError(f"mlp_impl: quack fuses the GELU and SwiGLU MLPs, and activation is {model.activation!r}; "
+                          f"set activation: gelu or swiglu, or mlp_impl: torch.", key="mlp_impl")
+    if model.activation == "swiglu" and model.use_bias_in_mlp:
+        raise ConfigError("mlp_impl: quack fuses the SwiGLU MLP without biases, and use_bias_in_mlp is true; set "
+                          "use_bias_in_mlp: false, or mlp_impl: torch.", key="mlp_impl")
     if dtype != torch.bfloat16:
         raise ConfigError(f"mlp_impl: quack runs in bf16, and this model's parameters are {dtype}; set "
                           f"bf16: {{enabled: true}}, or mlp_impl: torch.", key="mlp_impl")

@@ -127,14 +127,15 @@ class ModelArgs:
 
     mlp_impl: Optional[Literal["torch", "quack"]] = None
     """MLP kernels. `torch`: fc1, the activation and fc2 as separate ops (cuBLAS GEMMs; the activation is a
-    compiled kernel in a compiled layer). `quack`: a GELU MLP's fc1 with the GELU in its GEMM epilogue and
-    fc2's data gradient with GELU's derivative and fc1's bias gradient in its epilogue (quack-kernels, pip
-    package quack-kernels; CUDA, bf16, no sequence parallelism; megatron/model/fused_mlp.py); it keeps one
-    `[s, b, intermediate/tp]` tensor per layer less. null (the default) chooses for the device at start
-    (megatron/training/device_defaults.py)."""
+    compiled kernel in a compiled layer). `quack`: fc1 (and the gate) with the activation in its GEMM epilogue
+    and fc2's data gradient with the activation's derivative (and fc1's bias gradient) in its epilogue, for a
+    GELU MLP or a SwiGLU MLP without biases (pip package quack-kernels>=0.6.5; CUDA, bf16, no sequence
+    parallelism; megatron/model/fused_mlp.py); it keeps one `[s, b, intermediate/tp]` tensor per layer less.
+    null (the default) chooses for the device at start: `quack` for a bf16 GELU MLP on Hopper when quack
+    imports (megatron/training/device_defaults.py), else `torch`."""
 
     mlp_autotune: bool = False
-    """With `mlp_impl: quack`: quack autotunes its two GEMM shapes at the first step (it times several tile
+    """With `mlp_impl: quack`: quack autotunes its GEMM shapes at the first step (it times several tile
     configs, once per process) instead of taking its per-arch default config. Off by default: the default
     config is what was measured in training; autotuned, the two kernels alone were faster on an H200
     (docs/PERFORMANCE.md)."""

@@ -1,5 +1,5 @@
-"""Consistency checks of `mlp_impl: quack` that need no installed package (activation, precision, sequence
-parallelism), at launch. Whether quack imports and a GPU is there is checked when the model is built
+"""Consistency checks of `mlp_impl: quack` that need no installed package (activation and biases, precision,
+sequence parallelism), at launch. Whether quack imports and a GPU is there is checked when the model is built
 (megatron/model/mlp_support.py), so that configs validate on machines without it."""
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ def check_mlp_impl(args: Any, sources: Mapping[str, str]) -> None:
                              "mlp_impl: quack (or leave it unset), or drop mlp_autotune.", "mlp_autotune", "mlp_impl")
     if model.mlp_impl != "quack":
         return
-    if model.activation != "gelu":
-        raise _fail(sources, f"mlp_impl: quack fuses the GELU MLP, and activation is {model.activation!r} {{where}}; "
-                             f"set activation: gelu, or mlp_impl: torch.", "mlp_impl", "activation")
+    if model.activation not in ("gelu", "swiglu"):
+        raise _fail(sources, f"mlp_impl: quack fuses the GELU and SwiGLU MLPs, and activation is "
+                             f"{model.activation!r} {{where}}; set activation: gelu or swiglu, or mlp_impl: torch.",
+                    "mlp_impl", "activation")
+    if model.activation == "swiglu" and model.use_bias_in_mlp:
+        raise _fail(sources, "mlp_impl: quack fuses the SwiGLU MLP without biases, and use_bias_in_mlp is true "
+                             "{where}; set use_bias_in_mlp: false, or mlp_impl: torch.", "mlp_impl", "use_bias_in_mlp")
     if _precision(args) != "bf16":
         raise _fail(sources, f"mlp_impl: quack runs in bf16, and this run is {_precision(args)} {{where}}; set "
                              f"bf16: {{enabled: true}}, or mlp_impl: torch.", "mlp_impl", "bf16")

@@ -9,7 +9,7 @@ and prints the choice with the key that overrides it. A value the user wrote is 
 |---|---|---|
 | `torch_compile` null | on: each transformer layer compiled (410M on one H200: 139k -> 178k tokens/s together with cuDNN attention, docs/PERFORMANCE.md) | off: compiling costs more than it gains for the tiny CPU models |
 | `attention_impl` null | `fa4` (FlashAttention-4) on Hopper for bf16/fp16 causal attention without dropout at head size 64 or 128 and seq_length >= 8192, when `flash_attn.cute` imports (measured faster than cuDNN there: 8k-128k, issue 16); otherwise `sdpa` | `sdpa` |
-| `mlp_impl` null | `quack` (GELU in the GEMM epilogues, megatron/model/fused_mlp.py) on Hopper for a bf16 GELU MLP without sequence parallelism, when quack imports (measured faster than cuBLAS + the compiled GELU: docs/PERFORMANCE.md); otherwise `torch` | `torch` |
+| `mlp_impl` null | `quack` (GELU in the GEMM epilogues, megatron/model/fused_mlp.py) on Hopper for a bf16 GELU MLP without sequence parallelism, when quack imports (measured on an H200: the same tokens/s as cuBLAS + the compiled GELU with one `[s, b, ffn]` tensor per layer less, docs/PERFORMANCE.md); otherwise `torch` (a SwiGLU MLP too: its fused path is not yet measured) | `torch` |
 | `sdpa_backend` null | `cudnn` on Hopper (compute capability 9.x) for bf16/fp16 causal attention without dropout (the fastest SDPA kernel measured there at head dims 64 and 128); elsewhere torch's own choice | torch's own choice |
 
 The resolved values never enter the config sections (those hold what the user wrote); the model is built
@@ -56,8 +56,9 @@ def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_pa
     """(impl, reason) for an unset mlp_impl; reason is "" when nothing was chosen beyond torch."""
     if (cuda and capability[0] == 9 and precision == "bf16" and model.activation == "gelu"
             and not sequence_parallel and quack_available()):
-        return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured faster than cuBLAS "
-                         "and a compiled GELU on Hopper; set mlp_impl: torch to choose the unfused layer)")
+        return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured as fast as cuBLAS "
+                         "and a compiled GELU on Hopper with less memory; set mlp_impl: torch to choose the unfused "
+                         "layer)")
     return "torch", ""
 
 

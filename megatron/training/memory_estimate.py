@@ -128,7 +128,8 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     recomputed chunk), but keeps one ffn-wide tensor more when it runs without one: measured on one H200
     (2026-12-01, 2k tokens, bf16, no checkpointing: llama-1B shape 39.72 GiB, 410M 20.69, 1.3B 63.50, all
     within 3% with it and 10-16% under without it; tests/unit/training/test_memory_estimate.py). The fused
-    GELU MLP (`fused_mlp`, mlp_impl quack) keeps fc1's output only, compiled or not (410M: 16.18 GiB measured)."""
+    MLP (`fused_mlp`, mlp_impl quack) keeps fc1's output (gated: gate and up) only, compiled or not (410M: 16.18
+    GiB measured)."""
     h, heads, kv = model.hidden_size, model.num_attention_heads, derived.num_kv_heads
     head_dim = h // heads
     qkv = (heads + 2 * kv) * head_dim / h
@@ -141,8 +142,8 @@ def layer_activation_elements(model, derived, tp: int, sequence_parallel: bool, 
     from megatron.neox_args.derive import GATED_ACTIVATIONS
 
     gated = model.activation in GATED_ACTIVATIONS
-    if fused_mlp:  # fc1's output; the GELU's is recomputed in the data gradient's epilogue
-        per_ffn = 1.0
+    if fused_mlp:  # fc1's output (gate and up); the activation's is recomputed in the data gradient's epilogue
+        per_ffn = 2.0 if gated else 1.0
     elif compiled:  # gate and up (gated) or fc1's output; one ffn-wide tensor more without a checkpoint (measured)
         per_ffn = (2.0 if gated else 1.0) + (0.0 if checkpointed else 1.0)
     else:  # the same plus act(gate) and the product, or the activation's output, unless recomputed

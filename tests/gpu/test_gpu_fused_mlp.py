@@ -5,7 +5,10 @@
   autotuned (`mlp_autotune`);
 - ParallelMLP on quack against the torch layer in bf16 (output and every gradient), eager, compiled, and
   compiled with autotuning (which then runs inside the backward pass);
-- the memory autograd keeps at the end of a forward: one [s, b, ffn] bf16 tensor less than the torch layer.
+- the SwiGLU kernels (gate and up read as one concatenated weight, the preactivation interleaved) against the
+  same fp32 math, and the SwiGLU layer against the torch layer;
+- the memory autograd keeps at the end of a forward: one [s, b, ffn] bf16 tensor less than the torch layer
+  (SwiGLU: two).
 
 They need quack-kernels and the CuTe DSL (../shared/gpu/make-cute-wheels.sh); without them they fail with
 the install hint rather than pass silently.
@@ -16,7 +19,8 @@ import gc
 import pytest
 import torch
 
-from megatron.model.fused_mlp import _dgrad_reference, _fc1_reference
+from megatron.model.fused_mlp import (_dgrad_reference, _dswiglu_reference, _fc1_reference, _swiglu_fc1_grads_reference,
+                                      _swiglu_fc1_reference)
 from megatron.model.mlp import ParallelMLP
 from megatron.model.mlp_support import import_quack
 from megatron.mpu.initialize import ParallelState
@@ -63,6 +67,28 @@ def test_quack_kernels_equal_fp32_math(approximate, bias, tuned):
         assert db1.numel() == 0
 
 
+@pytest.mark.parametrize("tuned", [False, True])
+def test_quack_swiglu_kernels_equal_fp32_math(tuned):
+    t, h, f = 4096, 2048, 2048  # llama-1B's hidden size, a quarter of its MLP width
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    x, dy = torch.randn(t, h, **dev), torch.randn(t, h, **dev)
+    w_gate, w_up = torch.randn(f, h, **dev) / h ** 0.5, torch.randn(f, h, **dev) / h ** 0.5
+    w2 = torch.randn(h, f, **dev) / f ** 0.5
+    preact, postact = torch.ops.neox.swiglu_fc1(x, w_gate, w_up, tuned)
+    want_p, want_z = _swiglu_fc1_reference(x, w_gate, w_up)
+    assert preact.shape == (t, 2 * f) and postact.shape == (t, f)
+    assert _rel(preact, want_p) < BF16 and _rel(postact, want_z) < BF16  # the interleaved layout included
+    dp, z = torch.ops.neox.dswiglu_fc2_dgrad(dy, w2, want_p, tuned)
+    want_dp, want_z2 = _dswiglu_reference(dy, w2, want_p)
+    assert _rel(dp, want_dp) < BF16 and _rel(z, want_z2) < BF16
+    dx, dw_cat = torch.ops.neox.swiglu_fc1_grads(want_dp, x, w_gate, w_up, tuned)
+    want_dx, want_dw = _swiglu_fc1_grads_reference(want_dp, x, w_gate, w_up)
+    assert dw_cat.shape == (2 * f, h) and _rel(dx, want_dx) < BF16 and _rel(dw_cat, want_dw) < BF16
+
+
+SWIGLU = dict(activation="swiglu", use_bias_in_mlp=False)
+
+
 def _layers(autotune=False, **keys):
     fields = dict(num_layers=1, hidden_size=1024, num_attention_heads=16, seq_length=2048, pos_emb="rotary")
     fields.update(keys)
@@ -86,9 +112,11 @@ def _run(layer, x, dy):
     return y.detach(), xi.grad, grads
 
 
-@pytest.mark.parametrize("compiled, autotune", [(False, False), (True, False), (True, True)])
-def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled, autotune):
-    ours, fused = _layers(autotune)
+@pytest.mark.parametrize("compiled, autotune, keys", [(False, False, {}), (True, False, {}), (True, True, {}),
+                                                    (False, False, SWIGLU), (True, False, SWIGLU)],
+                         ids=["gelu", "gelu-compiled", "gelu-compiled-tuned", "swiglu", "swiglu-compiled"])
+def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled, autotune, keys):
+    ours, fused = _layers(autotune, **keys)
     x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     y, dx, grads = _run(ours, x, dy)
@@ -100,8 +128,11 @@ def test_parallel_mlp_on_quack_equals_the_torch_layer(compiled, autotune):
         assert _rel(grads_f[name], grad) < BF16, name
 
 
-def test_the_fused_layer_keeps_one_ffn_wide_tensor_less():
-    ours, fused = _layers()
+@pytest.mark.parametrize("keys, fewer", [({}, 1), (SWIGLU, 2)], ids=["gelu", "swiglu"])
+def test_the_fused_layer_keeps_less(keys, fewer):
+    """GELU: one [s, b, ffn] tensor less than the eager torch layer (fc1's output, not the GELU's too);
+    SwiGLU: two (gate and up, not silu(gate) and the product too)."""
+    ours, fused = _layers(**keys)
     x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     held = {}
     for name, layer in (("torch", ours), ("quack", fused)):
@@ -114,4 +145,4 @@ def test_the_fused_layer_keeps_one_ffn_wide_tensor_less():
         held[name] = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
         del y
     ffn_wide = 2048 * 2 * 4096 * 2  # bytes of one [s, b, ffn] bf16 tensor
-    assert held["torch"] - held["quack"] == pytest.approx(ffn_wide, rel=0.05), held
+    assert held["torch"] - held["quack"] == pytest.approx(fewer * ffn_wide, rel=0.05), held

@@ -14,8 +14,10 @@ Per layer, for T = micro-batch x seq tokens, hidden h and MLP width f, both side
 - fused: `quack.gemm_interface.gemm_act` (stores P and Z from the epilogue) and `gemm_dact` (reads P in the
   epilogue, writes dP and Z); a gated MLP's gate and up are one interleaved weight there.
 - the GEMMs alone: cuBLAS and quack's plain `gemm` on the same shapes, to tell GEMM speed from fusion.
-- ours (GELU MLPs): the two custom ops `mlp_impl: quack` runs (megatron/model/fused_mlp.py), whose dgrad also
-  sums fc1's bias gradient in its epilogue (the unfused side's act' kernel then includes that sum).
+- ours: the custom ops `mlp_impl: quack` runs (megatron/model/fused_mlp.py). GELU: fc1 and fc2's dgrad, which
+  also sums fc1's bias gradient in its epilogue (the unfused side's act' kernel then includes that sum). SwiGLU:
+  fc1 (gate and up read as one concatenated weight), fc2's dgrad, and fc1's dX and dW from the interleaved dP
+  (against cuBLAS on the contiguous halves, as the two column-parallel layers run them).
 
 GELU is the model's own on both sides: exact (erf, quack's `gelu_erf`) or, with `bias_gelu_fusion: true`, the
 tanh approximation (`gelu_tanh_approx`). Before timing, each fused output is compared with the unfused one (relative error
@@ -183,6 +185,22 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
                                 device),
             "dgrad_ms": _time(lambda: torch.ops.neox.dgelu_fc2_dgrad(dy, w2, p, approximate, b1 is not None, tuned),
                               warmup, iters, device)}
+    else:  # the SwiGLU custom ops: fc1 (gate and up as one concatenated weight), fc2's dgrad, and fc1's dX, dW
+        w_gate, w_up = weights_1
+        dp_fused = torch.ops.neox.dswiglu_fc2_dgrad(dy, w2, p_fused, tuned)[0]
+        report["fused_relative_error"]["ours_dpreact"] = _rel(dp_fused, dp_ref)
+        d_gate, d_up = backward_act(dz, p, activation).chunk(2, dim=-1)  # contiguous halves, for cuBLAS
+
+        def fc1_grads_unfused():  # what the two ColumnParallelLinears' backward runs: dX summed, dW each
+            return d_gate @ w_gate + d_up @ w_up, d_gate.t() @ x, d_up.t() @ x
+
+        report["ours"] = {
+            "forward_ms": _time(lambda: torch.ops.neox.swiglu_fc1(x, w_gate, w_up, tuned), warmup, iters, device),
+            "dgrad_ms": _time(lambda: torch.ops.neox.dswiglu_fc2_dgrad(dy, w2, p_fused, tuned), warmup, iters,
+                              device),
+            "fc1_grads_ms": _time(lambda: torch.ops.neox.swiglu_fc1_grads(dp_fused, x, w_gate, w_up, tuned), warmup,
+                                  iters, device)}
+        unfused["fc1_grads_ms"] = _time(fc1_grads_unfused, warmup, iters, device)
     report["gemm_alone"] = {
         "cublas_forward_ms": _time(lambda: x @ b_fc1, warmup, iters, device),
         "quack_forward_ms": _time(lambda: quack.gemm(x, b_fc1, tuned=tuned), warmup, iters, device),
@@ -222,9 +240,12 @@ def main(argv=None) -> int:
                   f"{saved:+.2f} ms per step saved; relative errors {report['fused_relative_error']}")
             if "ours" in report:
                 o = report["ours"]
-                saved = shape["layers"] * (u["forward_ms"] + u["dgrad_ms"] - o["forward_ms"] - o["dgrad_ms"])
-                print(f"ours (mlp_impl quack, bias gradient in the epilogue): fc1 forward {o['forward_ms']:.3f} ms, "
-                      f"fc2 dgrad {o['dgrad_ms']:.3f} ms; {saved:+.2f} ms per step saved")
+                saved = shape["layers"] * (u["forward_ms"] + u["dgrad_ms"] - o["forward_ms"] - o["dgrad_ms"]
+                                           + u.get("fc1_grads_ms", 0.0) - o.get("fc1_grads_ms", 0.0))
+                grads = (f", fc1 dX + dW {o['fc1_grads_ms']:.3f} ms (cuBLAS {u['fc1_grads_ms']:.3f})"
+                         if "fc1_grads_ms" in o else "")
+                print(f"ours (mlp_impl quack): fc1 forward {o['forward_ms']:.3f} ms, fc2 dgrad {o['dgrad_ms']:.3f} ms"
+                      f"{grads}; {saved:+.2f} ms per step saved")
             print(f"GEMMs alone, cuBLAS vs quack: forward {g['cublas_forward_ms']:.3f} vs {g['quack_forward_ms']:.3f}, "
                   f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
     write_reports(opts, device, reports)

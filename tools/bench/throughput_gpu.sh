@@ -74,6 +74,13 @@ case "$stage" in
   mlp-train-1.3b)   # ~4 min, needs .cute-*: 1.3B (2048 x 12) with the default (mlp_impl quack chosen) and mlp_impl=torch
     setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
       --variant "default:" --variant "torch: mlp_impl=torch" --out "$OUT/1-3B_mlp.json" --markdown | grep "^| 1.3B" || true ;;
+  mlp-train-llama)   # ~5 min, needs .cute-* (and .whl-tt for the peer): the llama-1B shape at 2048 x 8 with the fused
+    # SwiGLU (mlp_impl=quack; not chosen by default until measured) against the default, beside torchtitan; then the
+    # SwiGLU kernels alone (bench_mlp_epilogue)
+    setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan --set checkpoint_activations=false \
+      --variant "default:" --variant "quack: mlp_impl=quack" --out "$OUT/llama1B_2k_mlp.json" --markdown | grep "^| llama" || true
+    timeout 120 python3 tools/bench/bench_mlp_epilogue.py --fused --sizes llama-1B --seq 2048 --micro-batch 8 \
+      --out "$OUT/mlp_epilogue_swiglu.json" | grep -v "^\s*$" | tail -6 || true ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
     # on quack's autotuned GEMM (is quack the faster GEMM on these shapes?)
     setup; G="timeout 270 python3 tools/bench/bench_gemm.py --quack"
@@ -82,5 +89,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b gemm-quack gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama gemm-quack gpu-tests" ;;
 esac

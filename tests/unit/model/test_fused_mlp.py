@@ -1,7 +1,9 @@
-"""`mlp_impl: quack` (megatron/model/fused_mlp.py) on the CPU: its autograd function, run on the custom ops'
-torch math, gives the unfused MLP's output and every gradient; ParallelMLP wired to it equals the torch
-layer, alone, in chunks and with tensor parallelism 2; it keeps one ffn-wide tensor less for backward; a
-compiled layer calls it without a graph break; and asking for it where it cannot run is a ConfigError.
+"""`mlp_impl: quack` (megatron/model/fused_mlp.py) on the CPU: its autograd functions (GELU and SwiGLU), run on
+the custom ops' torch math, give the unfused MLP's output and every gradient; ParallelMLP wired to them equals
+the torch layer, alone, in chunks and with tensor parallelism 2; it keeps one ffn-wide tensor less for
+backward; a compiled layer calls it without a graph break; and asking for it where it cannot run is a
+ConfigError. (The torch math follows quack's own layouts: the gated preactivation's columns interleave gate
+and up, checked here against an explicit construction.)
 (The quack kernels themselves run on a CUDA machine: tests/gpu/test_gpu_fused_mlp.py.)"""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import megatron.model.mlp as mlp_module
-from megatron.model.fused_mlp import gelu_mlp
+from megatron.model.fused_mlp import gelu_mlp, interleave, swiglu_mlp
 from megatron.model.mlp import ParallelMLP
 from megatron.model.mlp_support import check_mlp_support
 from megatron.mpu.initialize import ParallelState
@@ -55,6 +57,35 @@ def test_gelu_mlp_equals_the_unfused_mlp(approximate, bias):
     assert not torch.allclose(erf, tanh, rtol=1e-6, atol=1e-6)  # the approximation reaches the kernel
 
 
+def _unfused_swiglu(x, w_gate, w_up, w2):
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w2)
+
+
+def test_swiglu_mlp_equals_the_unfused_mlp():
+    torch.manual_seed(0)
+    s, b, h, f = 6, 2, 8, 24
+    x, dy = torch.randn(s, b, h), torch.randn(s, b, h)
+    w_gate, w_up, w2 = torch.randn(f, h) / h ** 0.5, torch.randn(f, h) / h ** 0.5, torch.randn(h, f) / f ** 0.5
+    expected, expected_grads = _grads(_unfused_swiglu, x, w_gate, w_up, w2, dy=dy)
+    fused, fused_grads = _grads(swiglu_mlp, x, w_gate, w_up, w2, dy=dy)
+    torch.testing.assert_close(fused, expected, **TOL)
+    for name, got, want in zip(("x", "w_gate", "w_up", "w2"), fused_grads, expected_grads):
+        torch.testing.assert_close(got, want, **TOL, msg=name)
+
+
+def test_gated_preact_interleaves_gate_and_up():
+    gate, up = torch.arange(6.0).view(2, 3), 10 + torch.arange(6.0).view(2, 3)
+    assert interleave(gate, up).tolist() == [[0, 10, 1, 11, 2, 12], [3, 13, 4, 14, 5, 15]]
+    x, w_gate, w_up = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, 5)
+    preact, postact = torch.ops.neox.swiglu_fc1(x, w_gate, w_up, False)
+    torch.testing.assert_close(preact[:, 0::2], x @ w_gate.t())  # gate at even columns, as quack's
+    torch.testing.assert_close(preact[:, 1::2], x @ w_up.t())
+    torch.testing.assert_close(postact, F.silu(x @ w_gate.t()) * (x @ w_up.t()))
+
+
+SWIGLU = dict(activation="swiglu", use_bias_in_mlp=False)
+
+
 def _mlp_pair(monkeypatch, **keys):
     """(torch layer, quack layer) with the same weights; the quack layer's device check is lifted so that it
     runs on the custom ops' CPU math."""
@@ -67,8 +98,9 @@ def _mlp_pair(monkeypatch, **keys):
     return ours, fused
 
 
-@pytest.mark.parametrize("keys", [{}, dict(mlp_chunk_size=4), dict(bias_gelu_fusion=True)],
-                         ids=["whole", "chunked", "tanh"])
+@pytest.mark.parametrize("keys", [{}, dict(mlp_chunk_size=4), dict(bias_gelu_fusion=True), SWIGLU,
+                                  dict(mlp_chunk_size=4, **SWIGLU)],
+                         ids=["whole", "chunked", "tanh", "swiglu", "swiglu-chunked"])
 def test_parallel_mlp_on_quack_equals_the_torch_layer(monkeypatch, keys):
     ours, fused = _mlp_pair(monkeypatch, **keys)
     assert fused.fused and not ours.fused
@@ -86,44 +118,50 @@ def test_parallel_mlp_on_quack_equals_the_torch_layer(monkeypatch, keys):
         torch.testing.assert_close(outs[1][2][name], grad, **TOL, msg=name)
 
 
-def test_the_fused_layer_keeps_fc1_output_only(monkeypatch):
-    """Saved for backward: one [s, b, ffn] tensor (fc1's output), where the torch layer keeps two (fc1's and
-    the GELU's output)."""
-    ours, fused = _mlp_pair(monkeypatch)
+@pytest.mark.parametrize("keys, kept", [({}, (2, 1)), (SWIGLU, (4, 2))], ids=["gelu", "swiglu"])
+def test_the_fused_layer_keeps_fc1_output_only(monkeypatch, keys, kept):
+    """Saved for backward, in [s, b, ffn] tensors: GELU, fc1's output (1) where the torch layer keeps two (fc1's
+    and the GELU's output); SwiGLU, gate and up (one [s, b, 2 ffn] tensor) where it keeps four (gate, up,
+    silu(gate), the product)."""
+    ours, fused = _mlp_pair(monkeypatch, **keys)
     x = torch.randn(16, 3, 32, requires_grad=True)
     ffn_wide = 16 * 3 * 64  # (not the 64 x 32 weights' size)
 
     def count(layer):
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.numel()) and t, lambda t: t):
             layer(x)
-        return sum(n == ffn_wide for n in sizes)
+        return sum(n // ffn_wide for n in saved.values() if n % ffn_wide == 0 and n >= ffn_wide)
 
-    assert (count(ours), count(fused)) == (2, 1)
+    assert (count(ours), count(fused)) == kept
 
 
-def test_compiled_fused_mlp_has_no_graph_break():
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_compiled_fused_mlp_has_no_graph_break(gated):
     torch.manual_seed(1)
-    x, w1, b1, w2 = torch.randn(8, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16)
-    dy = torch.randn(8, 8)
-    compiled = torch.compile(lambda *t: gelu_mlp(*t, "none"), fullgraph=True, backend="aot_eager")
-    got, got_grads = _grads(compiled, x, w1, b1, w2, dy=dy)
-    want, want_grads = _grads(lambda *t: _unfused(*t, "none"), x, w1, b1, w2, dy=dy)
+    x, w1, w2, dy = torch.randn(8, 8), torch.randn(16, 8), torch.randn(8, 16), torch.randn(8, 8)
+    second = torch.randn(16, 8) if gated else torch.randn(16)  # the up weight, or fc1's bias
+    fused = swiglu_mlp if gated else (lambda *t: gelu_mlp(*t, "none"))
+    unfused = _unfused_swiglu if gated else (lambda *t: _unfused(*t, "none"))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    got, got_grads = _grads(compiled, x, w1, second, w2, dy=dy)
+    want, want_grads = _grads(unfused, x, w1, second, w2, dy=dy)
     torch.testing.assert_close(got, want, **TOL)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, **TOL)
 
 
-def _check_tp2_fused_mlp(rank, world_size):
+def _check_tp2_fused_mlp(rank, world_size, keys):
     from megatron.mpu.initialize import initialize_model_parallel
 
     mlp_module.check_mlp_support = lambda *a, **k: None  # this spawned process only
     state = initialize_model_parallel(tp_size=2)
-    model_args, derived = make_args()
+    model_args, derived = make_args(**keys)
     torch.manual_seed(5)
     reference = ParallelMLP(model_args, derived, ParallelState.single())  # the init does not depend on tp
     torch.manual_seed(5)
-    fused = ParallelMLP(make_args(mlp_impl="quack")[0], derived, state)
+    fused = ParallelMLP(make_args(mlp_impl="quack", **keys)[0], derived, state)
     x = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(2))
     dy = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(3))
     outs = []
@@ -134,21 +172,27 @@ def _check_tp2_fused_mlp(rank, world_size):
         outs.append((y.detach(), xi.grad))
     torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
     torch.testing.assert_close(outs[1][1], outs[0][1], **TOL)
-    half = slice(rank * 32, (rank + 1) * 32)  # this rank's shard of the 64 fc1 rows / fc2 columns
-    torch.testing.assert_close(fused.linear_fc1.weight.grad, reference.linear_fc1.weight.grad[half], **TOL)
-    torch.testing.assert_close(fused.linear_fc1.bias.grad, reference.linear_fc1.bias.grad[half], **TOL)
+    half = slice(rank * 32, (rank + 1) * 32)  # this rank's shard of the 64 fc1 (gate) rows / fc2 columns
+    for name in ("linear_fc1", "linear_gate"):
+        if getattr(fused, name) is not None:
+            torch.testing.assert_close(getattr(fused, name).weight.grad,
+                                       getattr(reference, name).weight.grad[half], **TOL)
     torch.testing.assert_close(fused.linear_fc2.weight.grad, reference.linear_fc2.weight.grad[:, half], **TOL)
-    torch.testing.assert_close(fused.linear_fc2.bias.grad, reference.linear_fc2.bias.grad, **TOL)
+    if fused.linear_fc1.bias is not None:
+        torch.testing.assert_close(fused.linear_fc1.bias.grad, reference.linear_fc1.bias.grad[half], **TOL)
+        torch.testing.assert_close(fused.linear_fc2.bias.grad, reference.linear_fc2.bias.grad, **TOL)
 
 
-def test_tensor_parallel_fused_mlp_equals_single_process():
-    run_distributed(_check_tp2_fused_mlp, 2)
+@pytest.mark.parametrize("keys", [{}, SWIGLU], ids=["gelu", "swiglu"])
+def test_tensor_parallel_fused_mlp_equals_single_process(keys):
+    run_distributed(_check_tp2_fused_mlp, 2, keys)
 
 
 def test_mlp_support_refuses_what_cannot_run():
     gelu, _ = make_args(mlp_impl="quack")
     for model, dtype, sp, device, match in [
-            (make_args(mlp_impl="quack", activation="swiglu")[0], torch.bfloat16, False, "cuda", "activation"),
+            (make_args(mlp_impl="quack", activation="relu")[0], torch.bfloat16, False, "cuda", "activation"),
+            (make_args(mlp_impl="quack", activation="swiglu")[0], torch.bfloat16, False, "cuda", "use_bias_in_mlp"),
             (gelu, torch.float32, False, "cuda", "bf16"),
             (gelu, torch.bfloat16, True, "cuda", "sequence_parallel"),
             (gelu, torch.bfloat16, False, "cpu", "CUDA GPUs only")]:
@@ -174,7 +218,8 @@ def test_a_quack_layer_on_this_cpu_is_a_config_error():
         ParallelMLP(model_args, derived, ParallelState.single(), dtype=torch.bfloat16)
 
 
-def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch):
+@pytest.mark.parametrize("keys, ffn", [({}, 1024), (SWIGLU, 768)], ids=["gelu", "swiglu"])
+def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch, keys, ffn):
     """Bytes of the unique storages one layer with the fused MLP saves (fp32, CPU, on the ops' torch math)
     against `layer_activation_elements(..., fused_mlp=True)`, the memory estimate's term."""
     from megatron.model import GPTModel
@@ -182,8 +227,9 @@ def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch):
     from megatron.training.memory_estimate import layer_activation_elements
 
     monkeypatch.setattr(mlp_module, "check_mlp_support", lambda *a, **k: None)
-    model_args = ModelArgs(num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=64, mlp_impl="quack")
-    derived = DerivedArgs(num_kv_heads=4, intermediate_size=1024, max_position_embeddings=64, vocab_size=128,
+    model_args = ModelArgs(num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=64, mlp_impl="quack",
+                           **keys)
+    derived = DerivedArgs(num_kv_heads=4, intermediate_size=ffn, max_position_embeddings=64, vocab_size=128,
                           padded_vocab_size=128)
     model = GPTModel(model_args, derived, ParallelState.single())
     x = torch.randn(64, 2, 256, requires_grad=True)
@@ -200,4 +246,5 @@ def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch):
     measured = sum(storages.values()) / (64 * 2 * 256 * 4)
     expected = layer_activation_elements(model_args, derived, 1, False, False, fused_mlp=True)
     assert measured == pytest.approx(expected, rel=0.03)
-    assert expected == pytest.approx(layer_activation_elements(model_args, derived, 1, False, False) - 1024 / 256)
+    unfused = layer_activation_elements(model_args, derived, 1, False, False)  # eager: 2 (GELU), 4 (SwiGLU)
+    assert expected == pytest.approx(unfused - (1 if not keys else 2) * ffn / 256)

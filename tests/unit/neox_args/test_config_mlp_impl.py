@@ -12,7 +12,9 @@ QUACK = {"mlp_impl": "quack", "activation": "gelu", "bf16": {"enabled": True}}
 
 
 @pytest.mark.parametrize("overrides, phrases", [
-    ({"activation": "relu"}, ["fuses the GELU MLP", "'relu'", "mlp_impl: torch"]),
+    ({"activation": "relu"}, ["fuses the GELU and SwiGLU MLPs", "'relu'", "mlp_impl: torch"]),
+    ({"activation": "swiglu", "intermediate_size": 1536, "use_bias_in_mlp": True},
+     ["SwiGLU MLP without biases", "use_bias_in_mlp: false"]),
     ({"bf16": {"enabled": False}}, ["runs in bf16", "fp32", "bf16: {enabled: true}"]),
     ({"model_parallel_size": 2, "sequence_parallel": True},
      ["does not take sequence_parallel", "sequence_parallel: false"]),
@@ -29,6 +31,8 @@ def test_quack_mlp_where_it_cannot_run_is_a_config_error(overrides, phrases):
 
 def test_quack_mlp_and_the_default_validate():
     assert NeoXArgs.from_dict({**MINIMAL, **QUACK}, source="run.yml").model.mlp_impl == "quack"
+    swiglu = {**QUACK, "activation": "swiglu", "intermediate_size": 1536, "use_bias_in_mlp": False}
+    assert NeoXArgs.from_dict({**MINIMAL, **swiglu}, source="run.yml").model.activation == "swiglu"
     assert NeoXArgs.from_dict(dict(MINIMAL), source="run.yml").model.mlp_impl is None
     assert NeoXArgs.from_dict({**MINIMAL, **QUACK, "mlp_autotune": True}, source="run.yml").model.mlp_autotune
     assert NeoXArgs.from_dict({**MINIMAL, "mlp_autotune": True}, source="run.yml").model.mlp_autotune  # unset impl
