@@ -43,6 +43,9 @@ case "$stage" in
       --variant "default:" --variant "kept: free_grad_sums_between_steps=false" --out "$OUT/1-3B.json" --markdown ;;
   profile-410m)   # ~2 min: where the 410M step goes (kernel categories, top kernels, host time)
     setup; $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --profile --out "$OUT/410M_profile.json" ;;
+  profile-410m-mlp)   # ~3 min, needs .cute-*: where the 410M step goes with the fused MLP (default) and mlp_impl=torch
+    setup; $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --profile --variant "default:" \
+      --variant "torch: mlp_impl=torch" --out "$OUT/410M_profile_mlp.json" ;;
   floor)   # ~1 min, no wheels needed: the GEMM + attention floor of each target's step
     export PYTHONPATH=$PWD
     G="python3 tools/bench/bench_gemm.py --attention"
@@ -89,5 +92,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama gemm-quack gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama gemm-quack gpu-tests" ;;
 esac

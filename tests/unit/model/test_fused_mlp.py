@@ -248,3 +248,32 @@ def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch, keys, ffn)
     assert measured == pytest.approx(expected, rel=0.03)
     unfused = layer_activation_elements(model_args, derived, 1, False, False)  # eager: 2 (GELU), 4 (SwiGLU)
     assert expected == pytest.approx(unfused - (1 if not keys else 2) * ffn / 256)
+
+
+@pytest.mark.parametrize("keys, build", [
+    ({}, dict(checkpoint_activations=True)),
+    (SWIGLU, dict(checkpoint_activations=True, recompute_modules=("mlp_act",))),
+    (dict(gpt_j_residual=True), dict(recompute_modules=("mlp_act",)))], ids=["ckpt", "swiglu-ckpt-mlp_act", "mlp_act"])
+def test_whole_model_on_the_fused_mlp_equals_the_torch_model(monkeypatch, keys, build):
+    """GPTModel with mlp_impl quack (on the ops' torch math) against mlp_impl torch: loss and every parameter's
+    gradient, under activation checkpointing and with `mlp_act` recomputation asked for (the fused layer
+    already keeps only fc1's output, and ignores it)."""
+    from megatron.model import GPTModel
+    from megatron.mpu.random import model_parallel_seed
+    from model_test_utils import VOCAB
+
+    monkeypatch.setattr(mlp_module, "check_mlp_support", lambda *a, **k: None)
+    gen = torch.Generator().manual_seed(4)
+    tokens, labels = torch.randint(0, VOCAB, (2, 16), generator=gen), torch.randint(0, VOCAB, (2, 16), generator=gen)
+    results = []
+    for impl in ("torch", "quack"):
+        model_args, derived = make_args(num_layers=2, mlp_impl=impl, **keys)
+        torch.manual_seed(3)
+        model = GPTModel(model_args, derived, ParallelState.single(), **build)
+        model_parallel_seed(11, ParallelState.single())
+        loss = model(tokens, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, **TOL, msg=name)
