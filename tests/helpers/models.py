@@ -45,3 +45,23 @@ def assert_grads_match_reference(parallel, reference, state, msg: str = "", **to
         if getattr(p, "tensor_model_parallel", False):
             expected = expected.chunk(state.tp_size, dim=p.partition_dim)[state.tp_rank]
         torch.testing.assert_close(p.grad, expected, **tol, msg=f"{name} {msg}".strip())
+
+
+def saved_layer_elements(model_args, derived, s: int = 64, b: int = 2) -> float:
+    """Bytes of the unique storages autograd saves in the forward of layer 0 of a one-layer fp32 GPTModel on
+    the CPU (parameters aside), in units of one `[s, b, h]` fp32 tensor: what the memory estimate's
+    `layer_activation_elements` predicts."""
+    model = GPTModel(model_args, derived, mpu.ParallelState.single())
+    h = model_args.hidden_size
+    x = torch.randn(s, b, h, requires_grad=True)
+    params = {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x)
+    return sum(storages.values()) / (s * b * h * 4)

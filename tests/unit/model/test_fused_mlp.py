@@ -222,28 +222,16 @@ def test_a_quack_layer_on_this_cpu_is_a_config_error():
 def test_memory_estimate_counts_what_a_fused_layer_saves(monkeypatch, keys, ffn):
     """Bytes of the unique storages one layer with the fused MLP saves (fp32, CPU, on the ops' torch math)
     against `layer_activation_elements(..., fused_mlp=True)`, the memory estimate's term."""
-    from megatron.model import GPTModel
     from megatron.neox_args.sections import DerivedArgs, ModelArgs
     from megatron.training.memory_estimate import layer_activation_elements
+    from tests.helpers.models import saved_layer_elements
 
     monkeypatch.setattr(mlp_module, "check_mlp_support", lambda *a, **k: None)
     model_args = ModelArgs(num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=64, mlp_impl="quack",
                            **keys)
     derived = DerivedArgs(num_kv_heads=4, intermediate_size=ffn, max_position_embeddings=64, vocab_size=128,
                           padded_vocab_size=128)
-    model = GPTModel(model_args, derived, ParallelState.single())
-    x = torch.randn(64, 2, 256, requires_grad=True)
-    params = {p.data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](x)
-    measured = sum(storages.values()) / (64 * 2 * 256 * 4)
+    measured = saved_layer_elements(model_args, derived)
     expected = layer_activation_elements(model_args, derived, 1, False, False, fused_mlp=True)
     assert measured == pytest.approx(expected, rel=0.03)
     unfused = layer_activation_elements(model_args, derived, 1, False, False)  # eager: 2 (GELU), 4 (SwiGLU)

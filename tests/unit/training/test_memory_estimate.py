@@ -210,27 +210,14 @@ def test_run_check_reads_the_host_and_can_be_turned_off(monkeypatch):
 def test_layer_activation_term_matches_the_saved_tensors_of_a_cpu_layer(overrides, ffn):
     """Bytes of the unique storages autograd saves in one layer's forward (fp32, CPU, no checkpointing;
     the CPU SDPA kernel keeps out and logsumexp like a flash kernel) against `layer_activation_elements`."""
-    from megatron.model import GPTModel
-    from megatron.mpu.initialize import ParallelState
     from megatron.neox_args.sections import DerivedArgs, ModelArgs
     from megatron.training.memory_estimate import layer_activation_elements
+    from tests.helpers.models import saved_layer_elements
 
     model_args = ModelArgs(num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=64, **overrides)
     derived = DerivedArgs(num_kv_heads=model_args.num_kv_heads or 4, intermediate_size=ffn, max_position_embeddings=64,
                           vocab_size=128, padded_vocab_size=128)
-    model = GPTModel(model_args, derived, ParallelState.single())
-    x = torch.randn(64, 2, 256, requires_grad=True)
-    params = {p.data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](x)
-    measured = sum(storages.values()) / (64 * 2 * 256 * 4)
+    measured = saved_layer_elements(model_args, derived)
     assert measured == pytest.approx(layer_activation_elements(model_args, derived, 1, False, False), rel=0.03)
 
 
