@@ -1,4 +1,4 @@
-"""The GELU MLP with its activation inside quack's GEMM epilogues (`mlp_impl: quack`).
+"""The GELU and SwiGLU MLPs with their activation inside quack's GEMM epilogues (`mlp_impl: quack`).
 
 Per rank, on the T = s*b tokens of x, hidden h and this rank's MLP width f (fc1's column shard W1 `[f, h]`,
 b1 `[f]`, and fc2's row shard W2 `[h, f]`; the input mapping, the tensor-parallel reduction and fc2's bias
@@ -16,8 +16,25 @@ another after fc2's data gradient (read dZ and P, write dP, sum db1), and keeps 
 gradient. Fused, those passes become the epilogue's stores and loads of tiles it already holds, and one
 `[T, f]` tensor per layer less is kept for backward.
 
-The two kernels are torch custom ops (`neox::gelu_fc1`, `neox::dgelu_fc2_dgrad`): a compiled layer calls
-them as opaque nodes, without a graph break. On CUDA they run quack's kernels; elsewhere the same math in
+SwiGLU (no biases; W_gate, W_up `[f, h]`, Llama's gate_proj and up_proj):
+
+    forward   P = X [W_gate; W_up]ᵀ  (columns interleaved: P[:, 2j] = gate_j, P[:, 2j+1] = up_j)    [T, 2f]
+              Z = silu(gate) * up                   one quack gated GEMM; its epilogue stores P and Z  [T, f]
+              Y = Z W2ᵀ                             cuBLAS                                            [T, h]
+    saved     X, P
+    backward  dP = (dgate, dup) interleaved, with dZ = dY W2: dgate = dZ up silu'(gate), dup = dZ silu(gate);
+              Z recomputed                          one quack GEMM (gemm_dgated)
+              dW2 = dYᵀ Z                           cuBLAS
+              dX = dgate W_gate + dup W_up,  [dW_gate; dW_up] = [dgateᵀ X; dupᵀ X]
+                                                    two quack GEMMs that read P's interleaved columns as the
+                                                    [gate; up] concatenation (`concat_layout`)
+
+quack reads the two weights as one `[gate; up]` matrix: a copy of the 2 f h weights per call, not of any
+activation. The unfused layer keeps gate, up, silu(gate) and Z; this one keeps P (gate and up) only.
+
+The kernels are torch custom ops (`neox::gelu_fc1`, `neox::dgelu_fc2_dgrad`, `neox::swiglu_fc1`,
+`neox::dswiglu_fc2_dgrad`, `neox::swiglu_fc1_grads`): a compiled layer calls them as opaque nodes, without a
+graph break. On CUDA they run quack's kernels; elsewhere the same math in
 torch, so that the composite's wiring and gradients are tested on the CPU against the unfused layer
 (`mlp_impl: quack` itself is refused off CUDA: megatron/model/mlp_support.py).
 
