@@ -74,7 +74,8 @@ class ParallelMLP(nn.Module):
         self.chunk_size = model.mlp_chunk_size
         self.fused = model.mlp_impl == "quack"  # checked where it can run: megatron/model/mlp_support.py
         if self.fused:
-            check_mlp_support(model, dtype, sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1)
+            check_mlp_support(model, dtype, sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1,
+                              width_per_rank=derived.intermediate_size // parallel.tp_size)
         self.autotune = model.mlp_autotune
         self.tp_group = parallel.tp_group
         self.recompute_act = False  # set by GPTModel for recompute_modules: [mlp_act]

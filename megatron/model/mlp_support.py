@@ -38,11 +38,23 @@ def import_quack():
     return gemm_interface
 
 
-def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device_type: str | None = None) -> None:
+def quack_mlp_shapes_ok(hidden: int, width_per_rank: int) -> bool:
+    """quack's GEMMs address bf16 operands through TMA, whose strides must be multiples of 16 bytes: the
+    hidden size and this rank's MLP width must be multiples of 8."""
+    return hidden % 8 == 0 and width_per_rank % 8 == 0
+
+
+def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device_type: str | None = None,
+                      width_per_rank: int | None = None) -> None:
     """Raise ConfigError when `model.mlp_impl` is quack and it cannot run for this layer (`dtype`: the
-    parameters'; `sequence_parallel`: in effect, i.e. with more than one tensor-parallel rank)."""
+    parameters'; `sequence_parallel`: in effect, i.e. with more than one tensor-parallel rank;
+    `width_per_rank`: intermediate_size / model_parallel_size)."""
     if model.mlp_impl != "quack":
         return
+    if width_per_rank is not None and not quack_mlp_shapes_ok(model.hidden_size, width_per_rank):
+        raise ConfigError(f"mlp_impl: quack needs hidden_size ({model.hidden_size}) and the MLP width per tensor-"
+                          f"parallel rank ({width_per_rank}) to be multiples of 8 (16-byte rows for its GEMMs); "
+                          f"change intermediate_size or hidden_size, or set mlp_impl: torch.", key="mlp_impl")
     if model.activation not in FUSED_ACTIVATIONS:
         raise ConfigError(f"mlp_impl: quack fuses the GELU and SwiGLU MLPs, and activation is {model.activation!r}; "
                           f"set activation: gelu or swiglu, or mlp_impl: torch.", key="mlp_impl")

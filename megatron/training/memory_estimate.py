@@ -178,9 +178,10 @@ def resolved_mlp_impl(args, device_type: str) -> str:
         return "torch"
     from megatron.training.device_defaults import resolve_device_defaults
 
-    sequence_parallel = args.parallel.sequence_parallel and args.parallel.model_parallel_size > 1
+    tp = args.parallel.model_parallel_size
     return resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
-                                   sequence_parallel=sequence_parallel).mlp_impl
+                                   sequence_parallel=args.parallel.sequence_parallel and tp > 1,
+                                   mlp_width=args.derived.intermediate_size // tp).mlp_impl
 
 
 def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:

@@ -41,7 +41,8 @@ def build_model(args, parallel, device_type: str):
     from megatron.training.device_defaults import model_args_with, resolve_device_defaults
 
     choices = resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
-                                      sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1)
+                                      sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1,
+                                      mlp_width=args.derived.intermediate_size // parallel.tp_size)
     if choices.reasons and parallel.rank == 0:
         print("device defaults: " + "; ".join(choices.reasons), flush=True)
     if parallel.pp_size > 1:

@@ -199,6 +199,8 @@ def test_mlp_support_refuses_what_cannot_run():
         with pytest.raises(ConfigError, match=match) as error:
             check_mlp_support(model, dtype, sequence_parallel=sp, device_type=device)
         assert "mlp_impl: torch" in str(error.value)
+    with pytest.raises(ConfigError, match=r"multiples of 8.*mlp_impl: torch"):
+        check_mlp_support(gelu, torch.bfloat16, sequence_parallel=False, device_type="cuda", width_per_rank=36)
     check_mlp_support(make_args()[0], torch.float32, sequence_parallel=True, device_type="cpu")  # torch: no check
 
 

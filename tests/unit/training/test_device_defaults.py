@@ -90,6 +90,11 @@ def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_mlp_on_hopper():
         choices = resolve_device_defaults(args.model, args.training, device, precision, capability=capability,
                                           quack_available=available, sequence_parallel=sp)
         assert choices.mlp_impl == "torch" and not any("mlp_impl" in r for r in choices.reasons), keys
+    odd = _args(activation="gelu", hidden_size=1004)  # not a multiple of 8: quack's GEMMs cannot take it
+    assert resolve_device_defaults(odd.model, odd.training, "cuda", "bf16", capability=HOPPER, quack_available=yes,
+                                   mlp_width=4000).mlp_impl == "torch"
+    assert resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes,
+                                   mlp_width=4100).mlp_impl == "torch"  # the per-rank width
     written = _args(activation="gelu", mlp_impl="torch")
     assert resolve_device_defaults(written.model, written.training, "cuda", "bf16", capability=HOPPER,
                                    quack_available=yes).mlp_impl == "torch"
