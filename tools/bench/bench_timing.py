@@ -139,8 +139,8 @@ def find_host_syncs(step: Callable[[], None], device: str) -> list[dict]:
 
 
 KERNEL_CATEGORIES = (
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "wgmma_tensorop")),
-    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),  # before matmul: FA4's CuTe kernels are "cutlass" too
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "wgmma_tensorop")),  # quack's (epilogues included)
     ("optimizer", ("multi_tensor", "adam")),
     ("communication", ("nccl",)),
     ("compiled (triton)", ("triton_",)),

@@ -101,6 +101,8 @@ def test_kernel_breakdown_sums_per_step_by_category():
 
     assert kernel_category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kernel_category("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_0") == "attention"
+    assert kernel_category("kernel_cutlass_kernel_quackgemm_sm90GemmSm90_object_at_0") == "matmul"
     assert kernel_category("triton_poi_fused_gelu_view_3") == "compiled (triton)"
     assert kernel_category("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>") == "copy / cast"
     assert kernel_category("some_custom_kernel") == "other"
