@@ -1,5 +1,5 @@
 """Consistency checks of `mlp_impl: quack` that need no installed package (activation and biases, precision,
-sequence parallelism), at launch. Whether quack imports and a GPU is there is checked when the model is built
+ZeRO stage 3, sequence parallelism), at launch. Whether quack imports and a GPU is there is checked when the model is built
 (megatron/model/mlp_support.py), so that configs validate on machines without it."""
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def check_mlp_impl(args: Any, sources: Mapping[str, str]) -> None:
     if _precision(args) != "bf16":
         raise _fail(sources, f"mlp_impl: quack runs in bf16, and this run is {_precision(args)} {{where}}; set "
                              f"bf16: {{enabled: true}}, or mlp_impl: torch.", "mlp_impl", "bf16")
+    if args.parallel.zero_optimization.get("stage", 0) == 3:
+        raise _fail(sources, "mlp_impl: quack reads fc1's and fc2's weights in the MLP's own forward, and ZeRO stage 3 "
+                             "gathers a partitioned weight only for its module's forward {where}; set mlp_impl: torch, "
+                             "or zero_optimization.stage <= 2.", "mlp_impl", "zero_optimization")
     if args.parallel.sequence_parallel and args.parallel.model_parallel_size > 1:
         raise _fail(sources, "mlp_impl: quack does not take sequence_parallel (fc1's input would be gathered whole "
                              "and kept) {where}; set sequence_parallel: false, or mlp_impl: torch.",

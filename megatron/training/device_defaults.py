@@ -52,12 +52,14 @@ def _resolve_attention_impl(model, cuda: bool, precision: str, capability, fa4_a
 
 
 def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_parallel: bool,
-                      quack_available, mlp_width: Optional[int]) -> tuple[str, str]:
-    """(impl, reason) for an unset mlp_impl; reason is "" when nothing was chosen beyond torch."""
+                      quack_available, mlp_width: Optional[int], zero_stage: int) -> tuple[str, str]:
+    """(impl, reason) for an unset mlp_impl; reason is "" when nothing was chosen beyond torch. Not under ZeRO
+    stage 3, which gathers a partitioned weight only for its own module's forward (the fused MLP reads fc1's
+    and fc2's weights in the MLP's)."""
     from megatron.model.mlp_support import quack_mlp_shapes_ok
 
     shapes_ok = mlp_width is None or quack_mlp_shapes_ok(model.hidden_size, mlp_width)
-    if (cuda and capability[0] == 9 and precision == "bf16" and model.activation == "gelu"
+    if (cuda and capability[0] == 9 and precision == "bf16" and model.activation == "gelu" and zero_stage < 3
             and not sequence_parallel and shapes_ok and quack_available()):
         return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured as fast as cuBLAS "
                          "and a compiled GELU on Hopper with less memory; set mlp_impl: torch to choose the unfused "
@@ -68,7 +70,7 @@ def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_pa
 def resolve_device_defaults(model, training, device_type: str, precision: str,
                             capability: Optional[tuple[int, int]] = None, fa4_available=None,
                             sequence_parallel: bool = False, quack_available=None,
-                            mlp_width: Optional[int] = None) -> DeviceChoices:
+                            mlp_width: Optional[int] = None, zero_stage: int = 0) -> DeviceChoices:
     """Resolve the unset `training.torch_compile`, `model.attention_impl`, `model.mlp_impl` and
     `model.sdpa_backend` for `device_type` ("cuda"/"cpu") and the run's `precision` ("fp32", "bf16", "fp16":
     cuDNN attention takes half precision only).
@@ -76,7 +78,7 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
     `capability` is the CUDA compute capability (major, minor); None asks torch (CUDA only).
     `fa4_available()` / `quack_available()` say whether flash_attn.cute / quack import (default: try it).
     `sequence_parallel`: in effect (more than one tensor-parallel rank); `mlp_width`: the MLP width per
-    tensor-parallel rank (quack's GEMMs need it and hidden_size multiples of 8).
+    tensor-parallel rank (quack's GEMMs need it and hidden_size multiples of 8); `zero_stage`: the ZeRO stage.
     """
     reasons: list[str] = []
     cuda = device_type == "cuda"
@@ -108,7 +110,7 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
             def quack_available():
                 return import_quack() is not None
         mlp_impl, reason = _resolve_mlp_impl(model, cuda, precision, capability, sequence_parallel, quack_available,
-                                             mlp_width)
+                                             mlp_width, zero_stage)
         if reason:
             reasons.append(reason)
     backend = model.sdpa_backend

@@ -42,7 +42,8 @@ def build_model(args, parallel, device_type: str):
 
     choices = resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
                                       sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1,
-                                      mlp_width=args.derived.intermediate_size // parallel.tp_size)
+                                      mlp_width=args.derived.intermediate_size // parallel.tp_size,
+                                      zero_stage=args.parallel.zero_optimization.get("stage", 0))
     if choices.reasons and parallel.rank == 0:
         print("device defaults: " + "; ".join(choices.reasons), flush=True)
     if parallel.pp_size > 1:

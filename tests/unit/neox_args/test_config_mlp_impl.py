@@ -19,6 +19,7 @@ QUACK = {"mlp_impl": "quack", "activation": "gelu", "bf16": {"enabled": True}}
     ({"model_parallel_size": 2, "sequence_parallel": True},
      ["does not take sequence_parallel", "sequence_parallel: false"]),
     ({"mlp_impl": "torch", "mlp_autotune": True}, ["mlp_autotune: true tunes quack's kernels", "mlp_impl: quack"]),
+    ({"zero_optimization": {"stage": 3}}, ["ZeRO stage 3", "zero_optimization.stage <= 2"]),
 ])
 def test_quack_mlp_where_it_cannot_run_is_a_config_error(overrides, phrases):
     with pytest.raises(ConfigError) as info:

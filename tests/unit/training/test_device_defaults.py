@@ -95,6 +95,8 @@ def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_mlp_on_hopper():
                                    mlp_width=4000).mlp_impl == "torch"
     assert resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes,
                                    mlp_width=4100).mlp_impl == "torch"  # the per-rank width
+    assert resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes,
+                                   zero_stage=3).mlp_impl == "torch"  # ZeRO-3 gathers weights per module
     written = _args(activation="gelu", mlp_impl="torch")
     assert resolve_device_defaults(written.model, written.training, "cuda", "bf16", capability=HOPPER,
                                    quack_available=yes).mlp_impl == "torch"
