@@ -129,8 +129,9 @@ class ModelArgs:
     """MLP kernels. `torch`: fc1, the activation and fc2 as separate ops (cuBLAS GEMMs; the activation is a
     compiled kernel in a compiled layer). `quack`: fc1 (and the gate) with the activation in its GEMM epilogue
     and fc2's data gradient with the activation's derivative (and fc1's bias gradient) in its epilogue, for a
-    GELU MLP or a SwiGLU MLP without biases (pip package quack-kernels>=0.6.5; CUDA, bf16, no sequence
-    parallelism; megatron/model/fused_mlp.py); it keeps one `[s, b, intermediate/tp]` tensor per layer less.
+    GELU MLP or a SwiGLU MLP without biases (pip package quack-kernels>=0.6.5; CUDA, bf16, hidden_size and
+    intermediate_size / model_parallel_size multiples of 8, no sequence parallelism, ZeRO stage <= 2;
+    megatron/model/fused_mlp.py); it keeps one `[s, b, intermediate/tp]` tensor per layer less (SwiGLU: two).
     null (the default) chooses for the device at start: `quack` for a bf16 GELU MLP on Hopper when quack
     imports (megatron/training/device_defaults.py), else `torch`."""
 
