@@ -71,7 +71,7 @@ case "$stage" in
   mlp-train)   # ~8 min, needs .cute-*: the fused MLP's GPU tests, then 410M (2048 x 8) with the default (mlp_impl
     # quack chosen), with mlp_autotune, and with mlp_impl=torch, in one run
     setup; timeout 300 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q --durations=5 > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
-    grep -E "passed|failed|FAILED|Error" "$OUT/pytest_fused_mlp.txt" | tail -12
+    grep -E "passed|failed|FAILED|Error" "$OUT/pytest_fused_mlp.txt" | tail -12 || true
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "tuned: mlp_autotune=true" \
       --variant "torch: mlp_impl=torch" --out "$OUT/410M_mlp.json" --markdown | grep "^| 410M" || true ;;
   mlp-train-1.3b)   # ~6 min, needs .cute-*: 1.3B (2048 x 12) with the default (mlp_impl quack chosen) and mlp_impl=torch;
