@@ -65,7 +65,7 @@ case "$stage" in
     E="timeout 150 python3 tools/bench/bench_mlp_epilogue.py --fused"
     $E --sizes 410M,1.3B --seq 2048 --micro-batch 8 --out "$OUT/mlp_epilogue_gelu.json" > "$OUT/mlp_epilogue.txt" 2>&1 || true
     $E --sizes 410M --seq 2048 --micro-batch 8 --tuned --out "$OUT/mlp_epilogue_gelu_tuned.json" > "$OUT/mlp_epilogue_tuned.txt" 2>&1 || true
-    grep -v "^\s*$" "$OUT/mlp_epilogue.txt" "$OUT/mlp_epilogue_tuned.txt" | tail -30
+    grep -v "^\s*$" "$OUT/mlp_epilogue.txt" "$OUT/mlp_epilogue_tuned.txt" | tail -30 || true
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
       --out "$OUT/410M_mlp.json" --markdown ;;
   mlp-train)   # ~8 min, needs .cute-*: the fused MLP's GPU tests, then 410M (2048 x 8) with the default (mlp_impl
