@@ -139,7 +139,8 @@ class ModelArgs:
     """With `mlp_impl: quack`: quack autotunes its GEMM shapes at the first step (it times several tile
     configs, once per process) instead of taking its per-arch default config. Off by default: the default
     config is what was measured in training; autotuned, the two kernels alone were faster on an H200
-    (docs/PERFORMANCE.md)."""
+    (docs/PERFORMANCE.md). The winner is timed afresh by each process, so a resumed run may take another tile
+    config than the run it resumes and sum in another order: the same to bf16 rounding, not bit for bit."""
 
     sliding_window_width: Optional[int] = None
     """Sliding-window attention (GPT-NeoX's key, e.g. 4096 in its Mistral config): query i attends to keys
