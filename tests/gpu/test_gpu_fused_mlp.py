@@ -7,6 +7,7 @@
   compiled with autotuning (which then runs inside the backward pass);
 - the SwiGLU kernels (gate and up read as one concatenated weight, the preactivation interleaved) against the
   same fp32 math, and the SwiGLU layer against the torch layer;
+- the same inputs give the same results bit for bit (an exact resume);
 - the memory autograd keeps at the end of a forward: one [s, b, ffn] bf16 tensor less than the torch layer
   (SwiGLU: two).
 
@@ -146,3 +147,16 @@ def test_the_fused_layer_keeps_less(keys, fewer):
         del y
     ffn_wide = 2048 * 2 * 4096 * 2  # bytes of one [s, b, ffn] bf16 tensor
     assert held["torch"] - held["quack"] == pytest.approx(fewer * ffn_wide, rel=0.05), held
+
+
+@pytest.mark.parametrize("keys", [{}, SWIGLU], ids=["gelu", "swiglu"])
+def test_the_fused_layer_is_deterministic(keys):
+    """The same inputs give the same output and gradients bit for bit (quack's default config; the bias
+    gradient's partial sums are folded in tile order): what an exact resume needs."""
+    _, fused = _layers(**keys)
+    x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    first, second = _run(fused, x, dy), _run(fused, x, dy)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name, grad in first[2].items():
+        assert torch.equal(second[2][name], grad), name
