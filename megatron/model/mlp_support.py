@@ -30,8 +30,18 @@ def import_quack():
     else, cutlass's own internals are fingerprinted and our epilogues fail to build (TypeError at import)."""
     try:
         from quack import gemm_interface
+        from quack.epilogue.library import dact_mod, dgated_mod, linear_act_mod
 
         import megatron.model.quack_mlp_epilogue  # noqa: F401  (the epilogues fused_mlp's backward runs)
+
+        # the epilogues quack builds on first use for fused_mlp's calls: built (and fingerprinted) here, where a
+        # failure means "the torch layer", rather than at the first training step
+        for activation in ("gelu_erf", "gelu_tanh_approx"):
+            for bias in (True, False):
+                linear_act_mod(activation, gated=False, has_c=False, has_rowvec=bias, has_colvec=False)
+            dact_mod(activation)
+        linear_act_mod("swiglu", gated=True, has_c=False, has_rowvec=False, has_colvec=False)
+        dgated_mod("swiglu", has_scale=False, has_reduce=False)
     except Exception as error:  # ImportError, or the DSL's own errors at import
         _IMPORT_ERROR[:] = [f"{type(error).__name__}: {str(error)[:300]}"]
         return None
