@@ -1,5 +1,5 @@
-"""Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here: quack installed, a CUDA GPU, a
-GELU MLP (or a SwiGLU one without biases) in bf16 without sequence parallelism. Checked when the model is built (the launch-time checks that
+"""Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here: the rules that need no package
+(megatron/neox_args/validate_mlp.py, `fused_mlp_refusal`), a CUDA GPU and quack installed. Checked when the model is built (the launch-time checks that
 need no package are megatron/neox_args/validate_mlp.py). Every failure is a ConfigError naming the key and
 the fix."""
 
@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 
 from megatron.neox_args.errors import ConfigError
-
-FUSED_ACTIVATIONS = ("gelu", "swiglu")
-"""The MLP activations megatron/model/fused_mlp.py fuses (SwiGLU without biases)."""
+from megatron.neox_args.validate_mlp import fused_mlp_refusal
 
 QUACK_PACKAGE = "quack-kernels>=0.6.5"
 """The pip requirement that provides `quack` with its composable epilogues (it brings nvidia-cutlass-dsl;
@@ -48,35 +46,19 @@ def import_quack():
     return gemm_interface
 
 
-def quack_mlp_shapes_ok(hidden: int, width_per_rank: int) -> bool:
-    """quack's GEMMs address bf16 operands through TMA, whose strides must be multiples of 16 bytes: the
-    hidden size and this rank's MLP width must be multiples of 8."""
-    return hidden % 8 == 0 and width_per_rank % 8 == 0
-
-
 def check_mlp_support(model, dtype: torch.dtype, sequence_parallel: bool, device_type: str | None = None,
                       width_per_rank: int | None = None) -> None:
     """Raise ConfigError when `model.mlp_impl` is quack and it cannot run for this layer (`dtype`: the
     parameters'; `sequence_parallel`: in effect, i.e. with more than one tensor-parallel rank;
-    `width_per_rank`: intermediate_size / model_parallel_size)."""
+    `width_per_rank`: intermediate_size / model_parallel_size): the rules of `fused_mlp_refusal`, then a CUDA
+    GPU and the package."""
     if model.mlp_impl != "quack":
         return
-    if width_per_rank is not None and not quack_mlp_shapes_ok(model.hidden_size, width_per_rank):
-        raise ConfigError(f"mlp_impl: quack needs hidden_size ({model.hidden_size}) and the MLP width per tensor-"
-                          f"parallel rank ({width_per_rank}) to be multiples of 8 (16-byte rows for its GEMMs); "
-                          f"change intermediate_size or hidden_size, or set mlp_impl: torch.", key="mlp_impl")
-    if model.activation not in FUSED_ACTIVATIONS:
-        raise ConfigError(f"mlp_impl: quack fuses the GELU and SwiGLU MLPs, and activation is {model.activation!r}; "
-                          f"set activation: gelu or swiglu, or mlp_impl: torch.", key="mlp_impl")
-    if model.activation == "swiglu" and model.use_bias_in_mlp:
-        raise ConfigError("mlp_impl: quack fuses the SwiGLU MLP without biases, and use_bias_in_mlp is true; set "
-                          "use_bias_in_mlp: false, or mlp_impl: torch.", key="mlp_impl")
-    if dtype != torch.bfloat16:
-        raise ConfigError(f"mlp_impl: quack runs in bf16, and this model's parameters are {dtype}; set "
-                          f"bf16: {{enabled: true}}, or mlp_impl: torch.", key="mlp_impl")
-    if sequence_parallel:
-        raise ConfigError("mlp_impl: quack does not take sequence_parallel; set sequence_parallel: false, or "
-                          "mlp_impl: torch.", key="mlp_impl")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    refusal = fused_mlp_refusal(model.activation, model.use_bias_in_mlp, precision, sequence_parallel,
+                                hidden=model.hidden_size, width_per_rank=width_per_rank)
+    if refusal is not None:
+        raise ConfigError(refusal[0].replace(" {where}", ""), key="mlp_impl")
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type != "cuda":

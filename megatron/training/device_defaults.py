@@ -56,11 +56,11 @@ def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_pa
     """(impl, reason) for an unset mlp_impl; reason is "" when nothing was chosen beyond torch. Not under ZeRO
     stage 3, which gathers a partitioned weight only for its own module's forward (the fused MLP reads fc1's
     and fc2's weights in the MLP's)."""
-    from megatron.model.mlp_support import quack_mlp_shapes_ok
+    from megatron.neox_args.validate_mlp import fused_mlp_refusal
 
-    shapes_ok = mlp_width is None or quack_mlp_shapes_ok(model.hidden_size, mlp_width)
-    if (cuda and capability[0] == 9 and precision == "bf16" and model.activation == "gelu" and zero_stage < 3
-            and not sequence_parallel and shapes_ok and quack_available()):
+    if (cuda and capability[0] == 9 and model.activation == "gelu"
+            and fused_mlp_refusal(model.activation, model.use_bias_in_mlp, precision, sequence_parallel, zero_stage,
+                                  model.hidden_size, mlp_width) is None and quack_available()):
         return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured as fast as cuBLAS "
                          "and a compiled GELU on Hopper with less memory; set mlp_impl: torch to choose the unfused "
                          "layer)")
