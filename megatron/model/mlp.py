@@ -76,7 +76,7 @@ class ParallelMLP(nn.Module):
         if self.fused:
             check_mlp_support(model, dtype, sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1,
                               width_per_rank=derived.intermediate_size // parallel.tp_size)
-        self.autotune = model.mlp_autotune
+        self.autotune = bool(model.mlp_autotune)  # null resolved at start (device_defaults); unresolved: off
         self.tp_group = parallel.tp_group
         self.recompute_act = False  # set by GPTModel for recompute_modules: [mlp_act]
         column = dict(

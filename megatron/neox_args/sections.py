@@ -132,15 +132,18 @@ class ModelArgs:
     GELU MLP or a SwiGLU MLP without biases (pip package quack-kernels>=0.6.5; CUDA, bf16, hidden_size and
     intermediate_size / model_parallel_size multiples of 8, no sequence parallelism, ZeRO stage <= 2;
     megatron/model/fused_mlp.py); it keeps one `[s, b, intermediate/tp]` tensor per layer less (SwiGLU: two).
-    null (the default) chooses for the device at start: `quack` for a bf16 GELU MLP on Hopper when quack
-    imports (megatron/training/device_defaults.py), else `torch`."""
+    null (the default) chooses for the device at start: `quack` for a bf16 GELU or SwiGLU MLP on Hopper when
+    quack imports (megatron/training/device_defaults.py), else `torch`."""
 
-    mlp_autotune: bool = False
+    mlp_autotune: Optional[bool] = None
     """With `mlp_impl: quack`: quack autotunes its GEMM shapes at the first step (it times several tile
-    configs, once per process) instead of taking its per-arch default config. Off by default: the default
-    config is what was measured in training; autotuned, the two kernels alone were faster on an H200
-    (docs/PERFORMANCE.md). The winner is timed afresh by each process, so a resumed run may take another tile
-    config than the run it resumes and sum in another order: the same to bf16 rounding, not bit for bit."""
+    configs) instead of taking its per-arch default config. null (the default): on wherever the MLP runs on
+    quack (measured on an H200: +1.7% to +3.1% tokens/s over the default config, docs/PERFORMANCE.md; the
+    first step also times the configs, once per shape), off otherwise; false takes quack's default config. quack keeps each
+    shape's timings on disk (`$QUACK_CACHE_DIR`, else ~/.quack/cache) and a process that finds them there takes
+    the same winner, so a run resumed on the same machine (or with that folder carried) runs the same tile
+    configs; tuned afresh elsewhere, it may take another and sum in another order: the same to bf16 rounding,
+    not bit for bit (as inductor's own autotuned kernels)."""
 
     sliding_window_width: Optional[int] = None
     """Sliding-window attention (GPT-NeoX's key, e.g. 4096 in its Mistral config): query i attends to keys

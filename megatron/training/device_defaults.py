@@ -1,4 +1,5 @@
-"""Fast by default: what a config leaves unset (`torch_compile`, `attention_impl`, `mlp_impl`, `sdpa_backend`) is
+"""Fast by default: what a config leaves unset (`torch_compile`, `attention_impl`, `mlp_impl`, `mlp_autotune`,
+`sdpa_backend`) is
 chosen for the device.
 
 A size file runs anywhere, so it cannot name the settings that are fastest on one device. When the user
@@ -9,7 +10,8 @@ and prints the choice with the key that overrides it. A value the user wrote is 
 |---|---|---|
 | `torch_compile` null | on: each transformer layer compiled (410M on one H200: 139k -> 178k tokens/s together with cuDNN attention, docs/PERFORMANCE.md) | off: compiling costs more than it gains for the tiny CPU models |
 | `attention_impl` null | `fa4` (FlashAttention-4) on Hopper for bf16/fp16 causal attention without dropout at head size 64 or 128 and seq_length >= 8192, when `flash_attn.cute` imports (measured faster than cuDNN there: 8k-128k, issue 16); otherwise `sdpa` | `sdpa` |
-| `mlp_impl` null | `quack` (GELU in the GEMM epilogues, megatron/model/fused_mlp.py) on Hopper for a bf16 GELU MLP without sequence parallelism, when quack imports (measured on an H200: the same tokens/s as cuBLAS + the compiled GELU with one `[s, b, ffn]` tensor per layer less, docs/PERFORMANCE.md); otherwise `torch` (a SwiGLU MLP too: its fused path is not yet measured) | `torch` |
+| `mlp_impl` null | `quack` (the activation in the GEMM epilogues, megatron/model/fused_mlp.py) on Hopper for a bf16 GELU MLP or SwiGLU MLP without biases, without sequence parallelism, when quack imports (measured on an H200: as fast as cuBLAS + the compiled activation, faster autotuned, with one `[s, b, ffn]` tensor per layer less, two for SwiGLU, docs/PERFORMANCE.md); otherwise `torch` | `torch` |
+| `mlp_autotune` null | on where the MLP runs on quack (quack's autotuned tile configs measured +1.7% to +3.1% tokens/s over its default config on an H200); off otherwise | off |
 | `sdpa_backend` null | `cudnn` on Hopper (compute capability 9.x) for bf16/fp16 causal attention without dropout (the fastest SDPA kernel measured there at head dims 64 and 128); elsewhere torch's own choice | torch's own choice |
 
 The resolved values never enter the config sections (those hold what the user wrote); the model is built
@@ -32,6 +34,7 @@ class DeviceChoices:
     reasons: list[str] = field(default_factory=list)
     attention_impl: str = "sdpa"
     mlp_impl: str = "torch"
+    mlp_autotune: bool = False
 
 
 FA4_MEASURED_FASTER = {64: 8192, 128: 8192}
@@ -58,13 +61,29 @@ def _resolve_mlp_impl(model, cuda: bool, precision: str, capability, sequence_pa
     and fc2's weights in the MLP's)."""
     from megatron.neox_args.validate_mlp import fused_mlp_refusal
 
-    if (cuda and capability[0] == 9 and model.activation == "gelu"
+    if (cuda and capability[0] == 9
             and fused_mlp_refusal(model.activation, model.use_bias_in_mlp, precision, sequence_parallel, zero_stage,
                                   model.hidden_size, mlp_width) is None and quack_available()):
-        return "quack", ("mlp_impl: quack (unset; the GELU in quack's GEMM epilogues, measured as fast as cuBLAS "
-                         "and a compiled GELU on Hopper with less memory; set mlp_impl: torch to choose the unfused "
-                         "layer)")
+        which = "GELU" if model.activation == "gelu" else "SwiGLU"
+        return "quack", (f"mlp_impl: quack (unset; the {which} in quack's GEMM epilogues, measured at least as fast as "
+                         f"cuBLAS and a compiled {which} on Hopper with less memory; set mlp_impl: torch to choose "
+                         f"the unfused layer)")
     return "torch", ""
+
+
+def _resolve_mlp_autotune(autotune: Optional[bool], mlp_impl: str) -> tuple[bool, str]:
+    """(autotune, reason) for `mlp_autotune` once `mlp_impl` is resolved: null is on where the MLP runs on quack;
+    a `true` the resolved torch layer cannot use is dropped with a notice (set beside an explicit
+    `mlp_impl: torch` it is a ConfigError at launch, megatron/neox_args/validate_mlp.py)."""
+    if mlp_impl != "quack":
+        if autotune:
+            return False, ("mlp_autotune: true does nothing here: mlp_impl resolved to torch (quack is not used on "
+                           "this device or for this model)")
+        return False, ""
+    if autotune is None:
+        return True, ("mlp_autotune: true (unset; quack's autotuned tile configs measured faster in training than its "
+                      "default config; set mlp_autotune: false to take the default config)")
+    return autotune, ""
 
 
 def resolve_device_defaults(model, training, device_type: str, precision: str,
@@ -113,6 +132,9 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
                                              mlp_width, zero_stage)
         if reason:
             reasons.append(reason)
+    autotune, reason = _resolve_mlp_autotune(model.mlp_autotune, mlp_impl)
+    if reason:
+        reasons.append(reason)
     backend = model.sdpa_backend
     if backend is None and cuda and impl == "sdpa" and precision in ("bf16", "fp16"):
         if capability[0] == 9 and model.attention_dropout == 0.0:
@@ -120,11 +142,11 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
             reasons.append("sdpa_backend: cudnn (unset; the fastest causal SDPA kernel measured on Hopper; "
                            "set sdpa_backend: flash|efficient|math to choose another)")
     return DeviceChoices(torch_compile=bool(compile_layers), sdpa_backend=backend, reasons=reasons,
-                         attention_impl=impl, mlp_impl=mlp_impl)
+                         attention_impl=impl, mlp_impl=mlp_impl, mlp_autotune=autotune)
 
 
 def model_args_with(model, choices: DeviceChoices):
-    """A copy of ModelArgs `model` carrying the resolved attention kernel and backend and MLP kernels (the
-    original is not changed)."""
+    """A copy of ModelArgs `model` carrying the resolved attention kernel and backend, MLP kernels and their
+    tuning (the original is not changed)."""
     return dataclasses.replace(model, sdpa_backend=choices.sdpa_backend, attention_impl=choices.attention_impl,
-                               mlp_impl=choices.mlp_impl)
+                               mlp_impl=choices.mlp_impl, mlp_autotune=choices.mlp_autotune)

@@ -48,7 +48,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("approximate, bias, tuned", [("none", True, False), ("none", False, False),
                                                      ("tanh", True, False), ("tanh", False, False),
-                                                     ("none", True, True)])
+                                                     ("none", True, True)],
+                         ids=["erf-bias", "erf", "tanh-bias", "tanh", "erf-bias-tuned"])
 def test_quack_kernels_equal_fp32_math(approximate, bias, tuned):
     t, h, f = 4096, 1024, 4096  # 410M's layer at 2 x 2048 tokens
     dev = dict(device="cuda", dtype=torch.bfloat16)
@@ -68,7 +69,7 @@ def test_quack_kernels_equal_fp32_math(approximate, bias, tuned):
         assert db1.numel() == 0
 
 
-@pytest.mark.parametrize("tuned", [False, True])
+@pytest.mark.parametrize("tuned", [False, True], ids=["default", "tuned"])
 def test_quack_swiglu_kernels_equal_fp32_math(tuned):
     t, h, f = 4096, 2048, 2048  # llama-1B's hidden size, a quarter of its MLP width
     dev = dict(device="cuda", dtype=torch.bfloat16)
@@ -149,11 +150,12 @@ def test_the_fused_layer_keeps_less(keys, fewer):
     assert held["torch"] - held["quack"] == pytest.approx(fewer * ffn_wide, rel=0.05), held
 
 
-@pytest.mark.parametrize("keys", [{}, SWIGLU], ids=["gelu", "swiglu"])
-def test_the_fused_layer_is_deterministic(keys):
-    """The same inputs give the same output and gradients bit for bit (quack's default config; the bias
-    gradient's partial sums are folded in tile order): what an exact resume needs."""
-    _, fused = _layers(**keys)
+@pytest.mark.parametrize("keys, autotune", [({}, False), (SWIGLU, False), ({}, True)],
+                         ids=["gelu", "swiglu", "gelu-tuned"])
+def test_the_fused_layer_is_deterministic(keys, autotune):
+    """The same inputs give the same output and gradients bit for bit (the bias gradient's partial sums are
+    folded in tile order; autotuned, the winner is kept for the process): what an exact resume needs."""
+    _, fused = _layers(autotune, **keys)
     x = torch.randn(2048, 2, 1024, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     first, second = _run(fused, x, dy), _run(fused, x, dy)

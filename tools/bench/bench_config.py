@@ -140,7 +140,7 @@ def describe_ours(args, device: str) -> str:
     if choices.attention_impl != "sdpa" or choices.sdpa_backend:
         notes.append(choices.sdpa_backend or choices.attention_impl)
     if choices.mlp_impl != "torch":
-        notes.append(f"{choices.mlp_impl} mlp")
+        notes.append(f"{choices.mlp_impl} mlp" + (", autotuned" if choices.mlp_autotune else ""))
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
     offload = args.parallel.zero_optimization.get("offload_optimizer") or {}

@@ -69,24 +69,30 @@ case "$stage" in
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "torch: mlp_impl=torch" \
       --out "$OUT/410M_mlp.json" --markdown ;;
   mlp-train)   # ~8 min, needs .cute-*: the fused MLP's GPU tests, then 410M (2048 x 8) with the default (mlp_impl
-    # quack chosen), with mlp_autotune, and with mlp_impl=torch, in one run
+    # quack, autotuned), with quack's default tile configs, and with mlp_impl=torch, in one run
     setup; timeout 300 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q --durations=5 > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
     grep -E "passed|failed|FAILED|Error" "$OUT/pytest_fused_mlp.txt" | tail -12 || true
-    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "tuned: mlp_autotune=true" \
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" --variant "untuned: mlp_autotune=false" \
       --variant "torch: mlp_impl=torch" --out "$OUT/410M_mlp.json" --markdown | grep "^| 410M" || true ;;
-  mlp-train-1.3b)   # ~6 min, needs .cute-*: 1.3B (2048 x 12) with the default (mlp_impl quack chosen) and mlp_impl=torch;
-    # then at micro-batch 24, which the fused MLP's 9 GiB make room for (79 GiB estimated), to amortize the step
+  mlp-train-1.3b)   # ~6 min, needs .cute-*: 1.3B (2048 x 12) with the default (mlp_impl quack, autotuned), with
+    # quack's default tile configs and with mlp_impl=torch (the 62% MFU target)
     setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
-      --variant "default:" --variant "torch: mlp_impl=torch" --out "$OUT/1-3B_mlp.json" --markdown | grep "^| 1.3B" || true
-    $BENCH --sizes 1.3B --seq 2048 --micro-batch 24 --baselines= --set checkpoint_activations=false \
-      --out "$OUT/1-3B_mlp_mb24.json" --markdown | grep "^| 1.3B" || true ;;
+      --variant "default:" --variant "untuned: mlp_autotune=false" --variant "torch: mlp_impl=torch" \
+      --out "$OUT/1-3B_mlp.json" --markdown | grep "^| 1.3B" || true ;;
   mlp-train-llama)   # ~5 min, needs .cute-* (and .whl-tt for the peer): the llama-1B shape at 2048 x 8 with the fused
-    # SwiGLU (mlp_impl=quack; not chosen by default until measured) against the default, beside torchtitan; then the
-    # SwiGLU kernels alone (bench_mlp_epilogue)
+    # SwiGLU (the default: mlp_impl quack, autotuned), with quack's default tile configs and with mlp_impl=torch,
+    # beside torchtitan; then the SwiGLU kernels alone (bench_mlp_epilogue)
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan --set checkpoint_activations=false \
-      --variant "default:" --variant "quack: mlp_impl=quack" --out "$OUT/llama1B_2k_mlp.json" --markdown | grep "^| llama" || true
+      --variant "default:" --variant "untuned: mlp_autotune=false" --variant "torch: mlp_impl=torch" \
+      --out "$OUT/llama1B_2k_mlp.json" --markdown | grep "^| llama" || true
     timeout 120 python3 tools/bench/bench_mlp_epilogue.py --fused --sizes llama-1B --seq 2048 --micro-batch 8 \
       --out "$OUT/mlp_epilogue_swiglu.json" | grep -v "^\s*$" | tail -6 || true ;;
+  mlp-tests)   # ~4 min, needs .cute-*: the fused MLP's GPU tests, the autotuned cases last (each tunes afresh)
+    setup; timeout 200 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "not tuned" --durations=8 \
+      > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
+    timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" -x --durations=3 \
+      > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
+    tail -14 "$OUT/pytest_fused_mlp.txt" "$OUT/pytest_fused_mlp_tuned.txt" ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
     # on quack's autotuned GEMM (is quack the faster GEMM on these shapes?)
     setup; G="timeout 270 python3 tools/bench/bench_gemm.py --quack"
@@ -95,5 +101,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama gemm-quack gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests gemm-quack gpu-tests" ;;
 esac

@@ -1,4 +1,4 @@
-"""Fast by default: unset torch_compile / attention_impl / mlp_impl / sdpa_backend are chosen for the device; a value
+"""Fast by default: unset torch_compile / attention_impl / mlp_impl / mlp_autotune / sdpa_backend are chosen for the device; a value
 the user wrote wins."""
 
 from __future__ import annotations
@@ -72,13 +72,17 @@ def test_unset_attention_impl_picks_fa4_only_where_it_was_measured_faster():
     assert cpu.attention_impl == "sdpa"
 
 
-def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_mlp_on_hopper():
+def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_or_swiglu_mlp_on_hopper():
     yes, no = (lambda: True), (lambda: False)
     gelu = _args(activation="gelu")
     choices = resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes)
-    assert choices.mlp_impl == "quack" and any("mlp_impl: quack" in r for r in choices.reasons)
+    assert choices.mlp_impl == "quack" and any("mlp_impl: quack" in r and "GELU" in r for r in choices.reasons)
     assert model_args_with(gelu.model, choices).mlp_impl == "quack" and gelu.model.mlp_impl is None
-    # not installed, Ampere, fp32, a gated MLP, sequence parallelism in effect, the CPU: the torch layer
+    llama = _args(activation="swiglu", use_bias_in_mlp=False)
+    choices = resolve_device_defaults(llama.model, llama.training, "cuda", "bf16", capability=HOPPER,
+                                      quack_available=yes)
+    assert choices.mlp_impl == "quack" and any("SwiGLU" in r for r in choices.reasons)
+    # not installed, Ampere, fp32, SwiGLU with biases, sequence parallelism in effect, the CPU: the torch layer
     for keys, device, capability, precision, available, sp in [
             (dict(activation="gelu"), "cuda", HOPPER, "bf16", no, False),
             (dict(activation="gelu"), "cuda", AMPERE, "bf16", yes, False),
@@ -100,3 +104,26 @@ def test_unset_mlp_impl_picks_quack_for_a_bf16_gelu_mlp_on_hopper():
     written = _args(activation="gelu", mlp_impl="torch")
     assert resolve_device_defaults(written.model, written.training, "cuda", "bf16", capability=HOPPER,
                                    quack_available=yes).mlp_impl == "torch"
+
+
+def test_unset_mlp_autotune_is_on_where_the_mlp_runs_on_quack():
+    yes = lambda: True  # noqa: E731
+    gelu = _args(activation="gelu")
+    choices = resolve_device_defaults(gelu.model, gelu.training, "cuda", "bf16", capability=HOPPER, quack_available=yes)
+    assert choices.mlp_autotune and any(r.startswith("mlp_autotune: true (unset") for r in choices.reasons)
+    built = model_args_with(gelu.model, choices)
+    assert built.mlp_autotune is True and gelu.model.mlp_autotune is None  # the config section keeps what was written
+    off = _args(activation="gelu", mlp_autotune=False)  # a written value wins, and is not announced
+    choices = resolve_device_defaults(off.model, off.training, "cuda", "bf16", capability=HOPPER, quack_available=yes)
+    assert choices.mlp_impl == "quack" and not choices.mlp_autotune
+    assert not any("mlp_autotune" in r for r in choices.reasons)
+    # the torch layer: unset is off, silently; a written true it cannot use is dropped with a notice
+    for device, capability in (("cpu", None), ("cuda", AMPERE)):
+        choices = resolve_device_defaults(gelu.model, gelu.training, device, "bf16", capability=capability,
+                                          quack_available=yes)
+        assert choices.mlp_impl == "torch" and not choices.mlp_autotune
+        assert not any("mlp_autotune" in r for r in choices.reasons)
+    on = _args(activation="gelu", mlp_autotune=True)
+    choices = resolve_device_defaults(on.model, on.training, "cpu", "fp32")
+    assert not choices.mlp_autotune and any("mlp_autotune: true does nothing" in r for r in choices.reasons)
+    assert model_args_with(on.model, choices).mlp_autotune is False

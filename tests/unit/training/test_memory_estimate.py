@@ -77,6 +77,20 @@ def test_device_estimate_with_the_fused_mlp_matches_the_h200_measurement():
     assert unfused - fused == pytest.approx(24 * 16384 * 4096 * 2 / GIB)  # one [s, b, ffn] bf16 tensor a layer
 
 
+def test_device_estimate_with_the_fused_swiglu_mlp_matches_the_h200_measurement():
+    """The llama-1B shape at 2048 x 8 with mlp_impl quack (SwiGLU, no biases): 31.60 GiB measured against 35.60
+    for the torch layer in the same run (one H200, commit b5323ac,
+    docs/measurements/2026-12-02_h200_bench_llama1B_2k_swiglu_b5323ac.json)."""
+    common = dict(vocab=32768, seq_length=2048, max_position_embeddings=2048, torch_compile=True,
+                  checkpoint_activations=False, train_micro_batch_size_per_gpu=8)
+    fused = estimate_memory(_args("llama-1B.yml", mlp_impl="quack", **common)).device_bytes / GIB
+    unfused = estimate_memory(_args("llama-1B.yml", mlp_impl="torch", **common)).device_bytes / GIB
+    assert fused == pytest.approx(31.60, rel=0.04) and unfused == pytest.approx(35.60, rel=0.04)
+    # the compiled torch layer keeps gate, up and their product for fc2 (3 [s, b, ffn]), the fused one the
+    # preactivation [s, b, 2 ffn] (2): one bf16 [s, b, ffn] tensor a layer less
+    assert unfused - fused == pytest.approx(16 * 16384 * 8192 * 2 / GIB)
+
+
 def test_freed_gradient_sums_count_only_after_backward():
     """free_grad_sums_between_steps: with one micro-batch per step the fp32 sums (4 P) exist beside the bf16
     gradients (a P) after backward, never beside a forward's activations; with more micro-batches they live
