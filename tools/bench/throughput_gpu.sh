@@ -88,9 +88,9 @@ case "$stage" in
     timeout 120 python3 tools/bench/bench_mlp_epilogue.py --fused --sizes llama-1B --seq 2048 --micro-batch 8 \
       --out "$OUT/mlp_epilogue_swiglu.json" | grep -v "^\s*$" | tail -6 || true ;;
   mlp-tests)   # ~4 min, needs .cute-*: the fused MLP's GPU tests, the autotuned cases last (each tunes afresh)
-    setup; timeout 200 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "not tuned" --durations=8 \
+    setup; timeout 160 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "not tuned" --durations=8 \
       > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
-    timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" -x --durations=3 \
+    timeout 100 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=3 \
       > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
     tail -14 "$OUT/pytest_fused_mlp.txt" "$OUT/pytest_fused_mlp_tuned.txt" ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
