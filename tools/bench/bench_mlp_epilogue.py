@@ -14,6 +14,8 @@ Per layer, for T = micro-batch x seq tokens, hidden h and MLP width f, both side
 - fused: `quack.gemm_interface.gemm_act` (stores P and Z from the epilogue) and `gemm_dact` (reads P in the
   epilogue, writes dP and Z); a gated MLP's gate and up are one interleaved weight there.
 - the GEMMs alone: cuBLAS and quack's plain `gemm` on the same shapes, to tell GEMM speed from fusion.
+- host (`--host-tokens N`): each call's host cost, issued back to back at N tokens (cuBLAS, quack direct,
+  our custom ops), to tell a launch-bound step from a kernel-bound one.
 - ours: the custom ops `mlp_impl: quack` runs (megatron/model/fused_mlp.py). GELU: fc1 and fc2's dgrad, which
   also sums fc1's bias gradient in its epilogue (the unfused side's act' kernel then includes that sum). SwiGLU:
   fc1 (gate and up read as one concatenated weight), fc2's dgrad, and fc1's dX and dW from the interleaved dP
@@ -210,10 +212,67 @@ def layer_report(shape: dict, tokens: int, warmup: int, iters: int, device, quac
     return report
 
 
+def host_us(fn, calls: int, device) -> float:
+    """Host microseconds per call of `fn()`, issued back to back without waiting for the GPU: at a small token
+    count its kernels finish faster than Python issues them, so this is the launch path's own cost (the part
+    that makes a step host-bound), not the kernels'."""
+    import time
+
+    import torch
+
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
+def host_report(shape: dict, tokens: int, calls: int, device, quack=None, tuned: bool = False) -> dict:
+    """Host us per call (`host_us`) of each forward and dgrad call a layer makes, at `tokens` tokens: cuBLAS
+    (`addmm` / `matmul`, what the torch layer issues for its GEMMs; its activation is inside the compiled
+    layer's own kernels), quack's `gemm_act` / `gemm_dact` called directly and through our custom ops."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    h, f, gated = shape["hidden"], shape["width"], shape["gated"]
+    x, dy = torch.randn(tokens, h, dtype=dtype, device=device), torch.randn(tokens, h, dtype=dtype, device=device)
+    w1 = torch.randn((2 if gated else 1) * f, h, dtype=dtype, device=device) * h ** -0.5
+    w2 = torch.randn(h, f, dtype=dtype, device=device) * f ** -0.5
+    b1 = torch.randn(f, dtype=dtype, device=device) if shape["bias"] and not gated else None
+    report = {"tokens": tokens, "cublas_fc1_us": host_us(
+        lambda: torch.addmm(b1, x, w1.t()) if b1 is not None else x @ w1.t(), calls, device),
+        "cublas_dgrad_us": host_us(lambda: dy @ w2, calls, device)}
+    if quack is None or gated:
+        return report
+    from megatron.model.fused_mlp import QUACK_GELU
+
+    activation = shape["activation"]
+    approximate = {v: k for k, v in QUACK_GELU.items()}[activation]
+    p = x @ w1.t()
+    report.update({
+        "quack_gemm_act_us": host_us(lambda: quack.gemm_act(x, w1.t(), bias=b1, activation=activation, tuned=tuned),
+                                     calls, device),
+        "quack_gemm_dact_us": host_us(lambda: quack.gemm_dact(dy, w2, p, activation=activation, tuned=tuned),
+                                      calls, device),
+        "ours_fc1_us": host_us(lambda: torch.ops.neox.gelu_fc1(x, w1, b1, approximate, tuned), calls, device),
+        "ours_dgrad_us": host_us(lambda: torch.ops.neox.dgelu_fc2_dgrad(dy, w2, p, approximate, b1 is not None, tuned),
+                                 calls, device)})
+    return report
+
+
 def main(argv=None) -> int:
     parser = kernel_bench_parser(__doc__.split("\n")[0], "410M")
     parser.add_argument("--fused", action="store_true", help="fail unless the fused (quack) side can run")
     parser.add_argument("--tuned", action="store_true", help="let quack autotune each shape (slow first call)")
+    parser.add_argument("--host-tokens", type=int, default=0,
+                        help="also time each call's host cost (us, back to back) at this many tokens (e.g. 256)")
+    parser.add_argument("--host-only", action="store_true", help="with --host-tokens: only the host costs")
     opts = parser.parse_args(argv)
     import torch
 
@@ -224,6 +283,12 @@ def main(argv=None) -> int:
     reports = {}
     for size in [s for s in opts.sizes.split(",") if s]:
         shape = mlp_shape(bench_args(size, opts.seq, opts.micro_batch, device.type))
+        if opts.host_only and opts.host_tokens:
+            reports[size] = {**shape, "host": host_report(shape, opts.host_tokens, opts.iters * 20, device, quack,
+                                                          opts.tuned)}
+            print(f"{size}: host us per call at {opts.host_tokens} tokens: "
+                  + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in reports[size]["host"].items() if k.endswith("_us")))
+            continue
         report = {**shape, **layer_report(shape, opts.seq * opts.micro_batch, opts.warmup, opts.iters, device, quack,
                                           opts.tuned)}
         reports[size] = report
@@ -248,6 +313,10 @@ def main(argv=None) -> int:
                       f"{grads}; {saved:+.2f} ms per step saved")
             print(f"GEMMs alone, cuBLAS vs quack: forward {g['cublas_forward_ms']:.3f} vs {g['quack_forward_ms']:.3f}, "
                   f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
+        if opts.host_tokens:
+            report["host"] = host_report(shape, opts.host_tokens, opts.iters * 20, device, quack, opts.tuned)
+            print("host us per call at {tokens} tokens: ".format(**report["host"])
+                  + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in report["host"].items() if k.endswith("_us")))
     write_reports(opts, device, reports)
     return 0
 

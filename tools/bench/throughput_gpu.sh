@@ -90,9 +90,13 @@ case "$stage" in
   mlp-tests)   # ~4 min, needs .cute-*: the fused MLP's GPU tests, the autotuned cases last (each tunes afresh)
     setup; timeout 160 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "not tuned" --durations=8 \
       > "$OUT/pytest_fused_mlp.txt" 2>&1 || true
-    timeout 100 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=3 \
+    tail -14 "$OUT/pytest_fused_mlp.txt"
+    # each call's host cost (is the quack forward what makes the 410M forward host-bound?)
+    timeout 60 python3 tools/bench/bench_mlp_epilogue.py --fused --sizes 410M --host-tokens 256 --host-only \
+      --out "$OUT/mlp_host_410M.json" 2>&1 | tail -2 || true
+    timeout 70 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=3 \
       > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
-    tail -14 "$OUT/pytest_fused_mlp.txt" "$OUT/pytest_fused_mlp_tuned.txt" ;;
+    tail -8 "$OUT/pytest_fused_mlp_tuned.txt" ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
     # on quack's autotuned GEMM (is quack the faster GEMM on these shapes?)
     setup; G="timeout 270 python3 tools/bench/bench_gemm.py --quack"

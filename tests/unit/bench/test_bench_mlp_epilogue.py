@@ -60,3 +60,21 @@ def test_cpu_report_is_the_unfused_side_and_fused_is_refused():
     assert "fused" not in report and all(v > 0 for v in unfused.values())
     with pytest.raises(SystemExit, match="CUDA only"):
         bench.main(["--sizes", "tiny", "--seq", "32", "--micro-batch", "1", "--device", "cpu", "--fused"])
+
+
+def test_host_cost_is_per_call_and_counts_every_call():
+    """host_us divides the issuing time by the calls it made (a function that sleeps 2 ms a call reads ~2000 us),
+    and the CPU host report times the cuBLAS side only."""
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.002)
+
+    us = bench.host_us(slow, 5, torch.device("cpu"))
+    assert len(calls) == 15 and 2000 <= us < 20000  # 10 warm-up calls, then the 5 timed
+    shape = bench.mlp_shape(bench.bench_args("tiny", 32, 1, "cpu"))
+    report = bench.host_report(shape, 16, 2, torch.device("cpu"))
+    assert set(report) == {"tokens", "cublas_fc1_us", "cublas_dgrad_us"} and report["cublas_fc1_us"] > 0
