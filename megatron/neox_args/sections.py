@@ -139,7 +139,8 @@ class ModelArgs:
     """With `mlp_impl: quack`: quack autotunes its GEMM shapes at the first step (it times several tile
     configs) instead of taking its per-arch default config. null (the default): on wherever the MLP runs on
     quack (measured on an H200: +1.7% to +3.1% tokens/s over the default config, docs/PERFORMANCE.md; the
-    first step also times the configs, once per shape), off otherwise; false takes quack's default config. quack keeps each
+    first step also compiles and times the configs of each GEMM shape, which can take a minute or more),
+    off otherwise; false takes quack's default config. quack keeps each
     shape's timings on disk (`$QUACK_CACHE_DIR`, else ~/.quack/cache) and a process that finds them there takes
     the same winner, so a run resumed on the same machine (or with that folder carried) runs the same tile
     configs; tuned afresh elsewhere, it may take another and sum in another order: the same to bf16 rounding,
