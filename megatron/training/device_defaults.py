@@ -82,7 +82,8 @@ def _resolve_mlp_autotune(autotune: Optional[bool], mlp_impl: str) -> tuple[bool
         return False, ""
     if autotune is None:
         return True, ("mlp_autotune: true (unset; quack's autotuned tile configs measured faster in training than its "
-                      "default config; set mlp_autotune: false to take the default config)")
+                      "default config; the first step also times them for each GEMM shape, kept in $QUACK_CACHE_DIR "
+                      "or ~/.quack/cache for later runs; set mlp_autotune: false to take the default config)")
     return autotune, ""
 
 
