@@ -94,6 +94,8 @@ case "$stage" in
     # each call's host cost (is the quack forward what makes the 410M forward host-bound?)
     timeout 60 python3 tools/bench/bench_mlp_epilogue.py --fused --sizes 410M --host-tokens 256 --host-only \
       --out "$OUT/mlp_host_410M.json" 2>&1 | tail -2 || true
+    timeout 120 python3 tools/bench/bench_mlp_epilogue.py --fused --tuned --sizes 410M --host-tokens 256 --host-only \
+      --out "$OUT/mlp_host_410M_tuned.json" 2>&1 | tail -2 || true   # the autotuned path's lookup per call
     timeout 70 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=3 \
       > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
     tail -8 "$OUT/pytest_fused_mlp_tuned.txt" ;;
