@@ -146,6 +146,17 @@ def resolve_device_defaults(model, training, device_type: str, precision: str,
                          attention_impl=impl, mlp_impl=mlp_impl, mlp_autotune=autotune)
 
 
+def resolve_for_args(args, device_type: str) -> DeviceChoices:
+    """`resolve_device_defaults` for a resolved NeoXArgs, with the parallel facts the MLP choice needs taken
+    from it (sequence parallelism in effect, the MLP width per tensor-parallel rank, the ZeRO stage): what
+    training, the memory estimate and the benchmarks' notes all resolve."""
+    tp = args.parallel.model_parallel_size
+    return resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
+                                   sequence_parallel=args.parallel.sequence_parallel and tp > 1,
+                                   mlp_width=args.derived.intermediate_size // tp,
+                                   zero_stage=args.parallel.zero_optimization.get("stage", 0))
+
+
 def model_args_with(model, choices: DeviceChoices):
     """A copy of ModelArgs `model` carrying the resolved attention kernel and backend, MLP kernels and their
     tuning (the original is not changed)."""

@@ -176,13 +176,9 @@ def resolved_mlp_impl(args, device_type: str) -> str:
 
     if device_type != "cuda" or not torch.cuda.is_available():
         return "torch"
-    from megatron.training.device_defaults import resolve_device_defaults
+    from megatron.training.device_defaults import resolve_for_args
 
-    tp = args.parallel.model_parallel_size
-    return resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
-                                   sequence_parallel=args.parallel.sequence_parallel and tp > 1,
-                                   mlp_width=args.derived.intermediate_size // tp,
-                                   zero_stage=args.parallel.zero_optimization.get("stage", 0)).mlp_impl
+    return resolve_for_args(args, device_type).mlp_impl
 
 
 def estimate_memory(args, device_type: str = "cuda") -> MemoryEstimate:

@@ -38,12 +38,9 @@ def build_model(args, parallel, device_type: str):
     from megatron.model import GPTModel
     from megatron.mpu import register_sequence_parallel_grad_hooks
     from megatron.mpu.grads import grad_sync_mode
-    from megatron.training.device_defaults import model_args_with, resolve_device_defaults
+    from megatron.training.device_defaults import model_args_with, resolve_for_args
 
-    choices = resolve_device_defaults(args.model, args.training, device_type, args.derived.precision,
-                                      sequence_parallel=parallel.sequence_parallel and parallel.tp_size > 1,
-                                      mlp_width=args.derived.intermediate_size // parallel.tp_size,
-                                      zero_stage=args.parallel.zero_optimization.get("stage", 0))
+    choices = resolve_for_args(args, device_type)
     if choices.reasons and parallel.rank == 0:
         print("device defaults: " + "; ".join(choices.reasons), flush=True)
     if parallel.pp_size > 1:

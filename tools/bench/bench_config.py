@@ -132,9 +132,9 @@ def describe_ours(args, device: str) -> str:
         notes.append(f"{accum} grad accum")
     if args.training.checkpoint_activations:
         notes.append(f"ckpt-act/{args.training.checkpoint_num_layers}")
-    from megatron.training.device_defaults import resolve_device_defaults
+    from megatron.training.device_defaults import resolve_for_args
 
-    choices = resolve_device_defaults(args.model, args.training, device, args.derived.precision)
+    choices = resolve_for_args(args, device)
     if choices.torch_compile:
         notes.append("compile")
     if choices.attention_impl != "sdpa" or choices.sdpa_backend:
