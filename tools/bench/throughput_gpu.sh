@@ -102,7 +102,7 @@ case "$stage" in
   mlp-host)   # ~4 min, needs .cute-*: why the 410M forward's host span grew with the fused MLP (22.8 -> 34.8 ms,
     # 2026-12-02): host syncs (torch's sync-debug mode) and the profile, default (autotuned) / untuned / torch
     setup; $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --sync-debug --profile --variant "default:" \
-      --variant "untuned: mlp_autotune=false" --variant "torch: mlp_impl=torch" --out "$OUT/410M_mlp_host.json" \
+      --variant "untuned: mlp_autotune=false" --variant "torch: mlp_impl=torch" --out "$OUT/410M_mlp_host.json" --markdown \
       2>&1 | grep -E "phases|forward|backward|  step|sync|^\| 410M" | tail -30 || true ;;
   gemm-quack)   # ~5 min, needs .cute-*: every GEMM of a 1.3B (2048 x 12) and a llama-1B (2048 x 8) step on cuBLAS and
     # on quack's autotuned GEMM (is quack the faster GEMM on these shapes?)
