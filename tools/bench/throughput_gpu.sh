@@ -24,8 +24,13 @@ setup() {
   export PYTHONPATH=$PWD:/tmp/site${CUTE_PATH:+:$CUTE_PATH}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 }
+need_cute() {  # the stages that measure quack or FA4: a call that did not carry .cute-b measures the torch path
+  [ -d .cute-b ] || { echo "stage $1 needs the CuTe wheels: carry .cute-b (and .whl) in this call, after the" \
+    "cp -r .cute-a /tmp/cute-a call on the same warm machine"; exit 2; }
+}
 BENCH="python3 tools/bench/bench_throughput.py --steps 10 --warmup 3"
 stage=${1:-help}
+case "$stage" in mlp-*|profile-410m-mlp|gemm-quack) need_cute "$stage" ;; esac
 case "$stage" in
   llama-2k)   # ~3 min: the llama-1B shape at 2048 x 8, ours (gradient sums freed between steps, the default, and kept) beside torchtitan
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan \
