@@ -1,7 +1,6 @@
-"""Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here: the rules that need no package
-(megatron/neox_args/validate_mlp.py, `fused_mlp_refusal`), a CUDA GPU and quack installed. Checked when the model is built (the launch-time checks that
-need no package are megatron/neox_args/validate_mlp.py). Every failure is a ConfigError naming the key and
-the fix."""
+"""Whether `mlp_impl: quack` (megatron/model/fused_mlp.py) can run here, checked when the model is built: the
+rules that need no package (`fused_mlp_refusal` in megatron/neox_args/validate_mlp.py, which also checks them
+at launch), then a CUDA GPU and quack installed. Every failure is a ConfigError naming the key and the fix."""
 
 from __future__ import annotations
 

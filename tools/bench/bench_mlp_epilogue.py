@@ -266,6 +266,12 @@ def host_report(shape: dict, tokens: int, calls: int, device, quack=None, tuned:
     return report
 
 
+def host_line(host: dict) -> str:
+    """One printed line of a `host_report`."""
+    return (f"host us per call at {host['tokens']} tokens: "
+            + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in host.items() if k.endswith("_us")))
+
+
 def main(argv=None) -> int:
     parser = kernel_bench_parser(__doc__.split("\n")[0], "410M")
     parser.add_argument("--fused", action="store_true", help="fail unless the fused (quack) side can run")
@@ -286,8 +292,7 @@ def main(argv=None) -> int:
         if opts.host_only and opts.host_tokens:
             reports[size] = {**shape, "host": host_report(shape, opts.host_tokens, opts.iters * 20, device, quack,
                                                           opts.tuned)}
-            print(f"{size}: host us per call at {opts.host_tokens} tokens: "
-                  + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in reports[size]["host"].items() if k.endswith("_us")))
+            print(f"{size}: " + host_line(reports[size]["host"]))
             continue
         report = {**shape, **layer_report(shape, opts.seq * opts.micro_batch, opts.warmup, opts.iters, device, quack,
                                           opts.tuned)}
@@ -315,8 +320,7 @@ def main(argv=None) -> int:
                   f"dgrad {g['cublas_dgrad_ms']:.3f} vs {g['quack_dgrad_ms']:.3f} ms")
         if opts.host_tokens:
             report["host"] = host_report(shape, opts.host_tokens, opts.iters * 20, device, quack, opts.tuned)
-            print("host us per call at {tokens} tokens: ".format(**report["host"])
-                  + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in report["host"].items() if k.endswith("_us")))
+            print(host_line(report["host"]))
     write_reports(opts, device, reports)
     return 0
 
