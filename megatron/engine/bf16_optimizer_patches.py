@@ -1,5 +1,5 @@
 """Four hot paths of DeepSpeed's BF16_Optimizer without per-parameter launches, redundant fills or a host
-wait, and its fp32 gradient sums freed between steps on request.
+wait, its fp32 gradient sums freed between steps and its AdamW fused with the bf16 copy, on request.
 
 With bf16 weights and `data_types.grad_accum_dtype: fp32` (the shipped bf16 configs) DeepSpeed 0.19 runs
 BF16_Optimizer (fp32 master weights, fp32 gradient sums). `install()` replaces four of its methods; all
@@ -73,6 +73,13 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    views point at a 0-byte storage): nothing in this trainer does; the checkpoint holds masters and Adam
    states, not gradients.
 
+5. With `fused_optimizer_step` (set by `enable_fused_step`) the AdamW update of item 3 and
+   `update_lp_params`'s copy of the fp32 masters into this rank's bf16 weights are one Triton kernel per
+   parameter group (megatron/engine/fused_adamw.py: the same formula as torch's fused AdamW, in fp32; the
+   masters are read once instead of twice), and the other ranks' partitions are gathered as DeepSpeed
+   does. Same optimizer state (torch's AdamW `state_dict`), so checkpoints do not depend on it. Not bit for
+   bit torch's kernel: its powers and divisions round alike up to a few fp32 ulps of the update.
+
 Optimizers that accumulate in backward hooks (`immediate_grad_update`) or correct expert-parallel gradients
 first (`autoep_folding_tp_group`) keep DeepSpeed's `update_hp_grads` and `clear_hp_grads` (and item 4
 does nothing for them: their hooks write into the buffer during backward).
@@ -80,11 +87,11 @@ does nothing for them: their hooks write into the buffer during backward).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from megatron.engine import multi_tensor_add
+from megatron.engine import fused_adamw, multi_tensor_add
 
 _ORIGINAL: dict[str, Callable] = {}
 _NEEDED_ATTRIBUTES = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_gradients_flat", "fp32_groups_has_gradients",
@@ -92,6 +99,8 @@ _NEEDED_ATTRIBUTES = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_gradi
 _STEP_ATTRIBUTES = ("get_grads_for_norm", "clip_grad", "fp32_groups_flat_partition",
                     "fp32_groups_gradient_flat_partition", "grad_acc_dtype", "update_lp_params", "clear_hp_grads",
                     "_lazy_init_hp_params_optimizer_state")
+_FUSED_ATTRIBUTES = ("bf16_partitioned_groups", "real_dp_process_group", "bf16_groups_flat",
+                     "nccl_start_alignment_factor", "allgather_bucket_size")
 _CLIP_EPS = 1e-6  # DeepSpeed's clip_tensors_by_global_norm: coefficient clip_grad / (norm + eps)
 
 
@@ -236,17 +245,64 @@ def step(self, closure=None) -> None:
         param_partition.grad = (grad_partition.to(param_partition.dtype)
                                 if grad_partition.dtype != param_partition.dtype else grad_partition)
     inner = self.optimizer
-    inner.found_inf, inner.grad_scale = found_inf, grad_scale  # torch's Adam.step hands both to the kernel
-    try:
-        inner.step()
-    finally:
-        del inner.found_inf, inner.grad_scale
+    lp_targets = _fused_step_targets(self)
+    if lp_targets is not None:  # item 5: AdamW and the bf16 weights of this rank's partition in one kernel
+        fused_adamw.step_(inner, lp_targets, found_inf, grad_scale)
+    else:
+        inner.found_inf, inner.grad_scale = found_inf, grad_scale  # torch's Adam.step hands both to the kernel
+        try:
+            inner.step()
+        finally:
+            del inner.found_inf, inner.grad_scale
     if self.grad_acc_dtype is not torch.float32 or getattr(self, "_free_hp_grads_between_steps", False):
         for param_partition in self.fp32_groups_flat_partition:  # a temporary, or a view about to be freed
             param_partition.grad = None
     self._lazy_init_hp_params_optimizer_state()  # links the optimizer state to the params after step 1
-    self.update_lp_params()  # bf16 weights <- fp32 masters (unchanged on a skipped step)
+    if lp_targets is not None:  # this rank's bf16 partition is written: the other ranks' are gathered
+        _gather_lp_params(self)
+    else:
+        self.update_lp_params()  # bf16 weights <- fp32 masters (unchanged on a skipped step)
     self.clear_hp_grads()
+
+
+def _lp_partitions(self) -> list[list[torch.Tensor]]:
+    """For each parameter group, [this rank's partition of the flat bf16 weights]: where its fp32 master
+    partition (the inner optimizer's one parameter of that group) is copied to by `update_lp_params`."""
+    import deepspeed.comm as dist
+
+    return [[partitions[dist.get_rank(group=self.real_dp_process_group[index])]]
+            for index, partitions in enumerate(self.bf16_partitioned_groups)]
+
+
+def enable_fused_step(optimizer) -> bool:
+    """Turn on item 5 of the module docstring for this BF16_Optimizer; returns False (nothing changed) where
+    it cannot run: not our sync-free step, or `fused_adamw.applies` says no (CPU, no Triton, another optimizer)."""
+    if not (supports_sync_free_step(optimizer) and all(hasattr(optimizer, name) for name in _FUSED_ATTRIBUTES)):
+        return False
+    if not fused_adamw.applies(optimizer.optimizer, _lp_partitions(optimizer)):
+        return False
+    optimizer._fused_step = True
+    return True
+
+
+def _fused_step_targets(self) -> Optional[list[list[torch.Tensor]]]:
+    """The bf16 partitions for `fused_adamw.step_` when item 5 is on and applies to this step (the gradients
+    are checked each step: a temporary fp32 copy of bf16 sums, say, is fine; anything else takes torch's)."""
+    if not getattr(self, "_fused_step", False):
+        return None
+    targets = _lp_partitions(self)
+    return targets if fused_adamw.applies(self.optimizer, targets) else None
+
+
+def _gather_lp_params(self) -> None:
+    """`update_lp_params` without its copy (the fused kernel wrote this rank's partition): every rank's
+    partition gathered into the full bf16 weights, as DeepSpeed does it (nothing to gather at dp == 1)."""
+    from deepspeed.runtime.utils import all_gather_dp_groups
+
+    all_gather_dp_groups(groups_flat=self.bf16_groups_flat, partitioned_param_groups=self.bf16_partitioned_groups,
+                         dp_process_group=self.real_dp_process_group,
+                         start_alignment_factor=self.nccl_start_alignment_factor,
+                         allgather_bucket_size=self.allgather_bucket_size)
 
 
 def nonfinite_steps(optimizer) -> int:

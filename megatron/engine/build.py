@@ -2,7 +2,8 @@
 
     check_deepspeed_version -> build_optimizer + WarmupDecayLR -> deepspeed.initialize
     -> skip_allreduce_without_replicas (dp == 1) -> fp16_optimizer_init (FP16_UnfusedOptimizer)
-    -> bf16_optimizer_patches.install (BF16_Optimizer; enable_free_grad_sums with free_grad_sums_between_steps)
+    -> bf16_optimizer_patches.install (BF16_Optimizer; enable_free_grad_sums with free_grad_sums_between_steps,
+       enable_fused_step unless fused_optimizer_step: false)
 
 Nothing outside `megatron/engine` looks at the engine's optimizer wrapper: the trainer asks
 `reported_grad_norm` and `skipped_steps` here.
@@ -48,7 +49,34 @@ def build_engine(args, model, device_type: str, parallel):
         if args.derived.free_grad_sums:
             enable_free_grad_sums(engine.optimizer, parallel.rank,
                                   chosen=args.precision.free_grad_sums_between_steps is None)
+        if args.precision.fused_optimizer_step is not False:
+            enable_fused_step(engine.optimizer, parallel.rank, required=args.precision.fused_optimizer_step is True)
+    elif args.precision.fused_optimizer_step is True:  # the config check let it through: say why it cannot act
+        raise RuntimeError(f"fused_optimizer_step: true, but DeepSpeed built {type(engine.optimizer).__name__}, not "
+                           f"BF16_Optimizer; set fused_optimizer_step: false or drop the key.")
     return engine
+
+
+def enable_fused_step(optimizer, rank: int, required: bool) -> bool:
+    """fused_optimizer_step on this BF16_Optimizer where it can run (printed); `required` (the key is `true`):
+    a RuntimeError naming the reason where it cannot. Returns whether it is on."""
+    from megatron.engine import bf16_optimizer_patches, fused_adamw
+
+    if bf16_optimizer_patches.enable_fused_step(optimizer):
+        if rank == 0:
+            why = "" if required else " (unset: on wherever it can run; set fused_optimizer_step: false for torch's)"
+            print(f"fused_optimizer_step: AdamW and the bf16 weight copy run as one Triton kernel per parameter "
+                  f"group{why}", flush=True)
+        return True
+    if required:
+        device = optimizer.fp32_groups_flat_partition[0].device
+        reason = ("Triton is not installed" if fused_adamw._kernel() is None and device.type == "cuda"
+                  else f"the optimizer runs on {device.type}, the kernel needs CUDA" if device.type != "cuda"
+                  else "the inner optimizer is not torch's AdamW with float hyperparameters (amsgrad, maximize "
+                       "and capturable are not supported)")
+        raise RuntimeError(f"fused_optimizer_step: true, but it cannot run here: {reason}; set "
+                           f"fused_optimizer_step: false or drop the key.")
+    return False
 
 
 def enable_free_grad_sums(optimizer, rank: int, chosen: bool = False) -> None:

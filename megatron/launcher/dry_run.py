@@ -17,6 +17,16 @@ def parameter_counts(args) -> dict:
     "without_embedding_and_output" leaves out the input word embedding and the untied output layer (the
     convention of Pythia's "non-embedding" counts); learned position embeddings are counted.
     """
+    model, padded_vocab_size = meta_model(args)
+    total = sum(p.numel() for p in model.parameters())
+    embedding_and_output = sum(p.numel() for name, p in model.named_parameters()
+                               if name in ("embedding.word_embeddings.weight", "output_layer.weight"))
+    return {"total": total, "without_embedding_and_output": total - embedding_and_output,
+            "padded_vocab_size": padded_vocab_size}
+
+
+def meta_model(args):
+    """(the full (TP=1) GPTModel of `args` on the meta device, the tokenizer's padded vocabulary size)."""
     import torch
 
     from megatron.model import GPTModel
@@ -31,11 +41,7 @@ def parameter_counts(args) -> dict:
                                                args.parallel.model_parallel_size)
     with torch.device("meta"):
         model = GPTModel(args.model, derived, ParallelState.single())
-    total = sum(p.numel() for p in model.parameters())
-    embedding_and_output = sum(p.numel() for name, p in model.named_parameters()
-                               if name in ("embedding.word_embeddings.weight", "output_layer.weight"))
-    return {"total": total, "without_embedding_and_output": total - embedding_and_output,
-            "padded_vocab_size": derived.padded_vocab_size}
+    return model, derived.padded_vocab_size
 
 
 def describe(args) -> str:

@@ -354,6 +354,15 @@ class PrecisionArgs:
     error elsewhere); false: the sums are kept. Between steps the sums hold no memory: code of your own that
     reads them there (e.g. DeepSpeed's `safe_get_full_grad` after `step`) needs `false`."""
 
+    fused_optimizer_step: Optional[bool] = None
+    """With DeepSpeed's BF16_Optimizer on CUDA (bf16 weights, `data_types.grad_accum_dtype: fp32`, ZeRO stage 1,
+    torch's fused AdamW on the device): its AdamW update and its copy of the fp32 masters into the bf16 weights
+    run as one Triton kernel per parameter group (megatron/engine/fused_adamw.py), reading the masters once
+    instead of twice. The same AdamW in fp32 (torch's formula; the update rounds alike up to a few fp32 ulps)
+    and the same optimizer state, so checkpoints resume either way. null (the default): on wherever it can
+    run (CUDA with Triton; the choice is printed at start); false: torch's fused AdamW and DeepSpeed's copy;
+    true: as null, but an error where it cannot run."""
+
     communication_data_type: Optional[Literal["fp32", "bf16", "fp16"]] = None
     """dtype in which data-parallel replicas sum their gradients (DeepSpeed's key). None: the model dtype
     (DeepSpeed's default), which with `data_types.grad_accum_dtype: fp32` rounds the fp32 gradient sums to

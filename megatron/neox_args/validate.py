@@ -175,6 +175,7 @@ def _check_precision(args: Any, sources: Mapping[str, str]) -> None:
                    "bf16", "fp16")
     _check_grad_accum_dtype(args, sources)
     _check_free_grad_sums(args, sources)
+    _check_fused_optimizer_step(args, sources)
 
 
 def _check_free_grad_sums(args: Any, sources: Mapping[str, str]) -> None:
@@ -182,21 +183,32 @@ def _check_free_grad_sums(args: Any, sources: Mapping[str, str]) -> None:
     off elsewhere, derive.resolve_free_grad_sums)."""
     if args.precision.free_grad_sums_between_steps is not True:
         return
+    _check_bf16_optimizer(args, sources, "free_grad_sums_between_steps", "frees the fp32 gradient sums")
+    if args.precision.bf16.get("immediate_grad_update"):
+        raise fail(sources, "free_grad_sums_between_steps: true with bf16.immediate_grad_update {where}: DeepSpeed's "
+                            "hooks add each gradient into the sums during backward, so they must exist then; "
+                            "drop one of the two.", "free_grad_sums_between_steps", "bf16")
+
+
+def _check_fused_optimizer_step(args: Any, sources: Mapping[str, str]) -> None:
+    """fused_optimizer_step: true acts on BF16_Optimizer's step only (null is off elsewhere; whether the device
+    can run the kernel is checked when the engine is built: megatron/engine/build.py)."""
+    if args.precision.fused_optimizer_step is True:
+        _check_bf16_optimizer(args, sources, "fused_optimizer_step", "fuses the AdamW step and the bf16 weight copy")
+
+
+def _check_bf16_optimizer(args: Any, sources: Mapping[str, str], key: str, what: str) -> None:
+    """`key: true` needs DeepSpeed's BF16_Optimizer; a ConfigError naming what this config gets otherwise."""
     from megatron.engine.optimizer_kind import BF16
 
     zero = args.parallel.zero_optimization
     wrapper, model_dtype, accum = optimizer_wrapper_for(args.precision, args.parallel)
     if wrapper != BF16:
-        raise fail(sources, f"free_grad_sums_between_steps: true {{where}} frees the fp32 gradient sums of DeepSpeed's "
+        raise fail(sources, f"{key}: true {{where}} {what} of DeepSpeed's "
                             f"BF16_Optimizer, but this config gets {wrapper} ({model_dtype} weights, {accum} gradient "
                             f"sums, ZeRO stage {zero.get('stage', 0)}); it needs bf16: {{enabled: true}}, "
                             f"data_types: {{grad_accum_dtype: fp32}}, zero_optimization.stage 1 and the optimizer on "
-                            f"the device, or drop the key.", "free_grad_sums_between_steps", "data_types",
-                   "zero_optimization")
-    if args.precision.bf16.get("immediate_grad_update"):
-        raise fail(sources, "free_grad_sums_between_steps: true with bf16.immediate_grad_update {where}: DeepSpeed's "
-                            "hooks add each gradient into the sums during backward, so they must exist then; "
-                            "drop one of the two.", "free_grad_sums_between_steps", "bf16")
+                            f"the device, or drop the key.", key, "data_types", "zero_optimization")
 
 
 GRAD_ACCUM_DTYPES = ("fp32", "bf16", "fp16")

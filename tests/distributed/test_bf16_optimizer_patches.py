@@ -193,6 +193,14 @@ def _check_step(rank, world_size):
     engine = _engine(state, immediate=False, fused=True, clip=1.0)
     assert bf16_optimizer_patches.supports_sync_free_step(engine.optimizer)
     assert not bf16_optimizer_patches.supports_sync_free_step(_engine(state, False, fused=False, clip=1.0).optimizer)
+    # fused_optimizer_step: its kernel is CUDA's, so on this CPU engine null leaves it off and true is refused
+    from megatron.engine.build import enable_fused_step
+
+    assert not bf16_optimizer_patches.enable_fused_step(engine.optimizer)
+    assert not enable_fused_step(engine.optimizer, rank=0, required=False)
+    with pytest.raises(RuntimeError, match="fused_optimizer_step: true, but it cannot run here: the optimizer runs on "
+                                           "cpu, the kernel needs CUDA; set fused_optimizer_step: false"):
+        enable_fused_step(engine.optimizer, rank=0, required=True)
 
     clip = 0.5
     want = _train(state, ours=False, fused=True, clip=clip, steps=4, nan_step=NAN_STEP)

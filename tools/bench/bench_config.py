@@ -141,6 +141,12 @@ def describe_ours(args, device: str) -> str:
         notes.append(choices.sdpa_backend or choices.attention_impl)
     if choices.mlp_impl != "torch":
         notes.append(f"{choices.mlp_impl} mlp" + (", autotuned" if choices.mlp_autotune else ""))
+    from megatron.engine.optimizer_kind import BF16
+    from megatron.neox_args.derive import optimizer_wrapper_for
+
+    if (device == "cuda" and args.precision.fused_optimizer_step is not False
+            and optimizer_wrapper_for(args.precision, args.parallel)[0] == BF16):
+        notes.append("fused step")
     if args.derived.gradient_accumulation_steps > 1:
         notes.append(f"grad-acc {args.derived.gradient_accumulation_steps}")
     offload = args.parallel.zero_optimization.get("offload_optimizer") or {}

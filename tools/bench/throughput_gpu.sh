@@ -30,7 +30,7 @@ need_cute() {  # the stages that measure quack or FA4: a call that did not carry
 }
 BENCH="python3 tools/bench/bench_throughput.py --steps 10 --warmup 3"
 stage=${1:-help}
-case "$stage" in mlp-*|profile-410m-mlp|gemm-quack) need_cute "$stage" ;; esac
+case "$stage" in mlp-*|profile-410m-mlp|gemm-quack|optimizer*) need_cute "$stage" ;; esac
 case "$stage" in
   llama-2k)   # ~3 min: the llama-1B shape at 2048 x 8, ours (gradient sums freed between steps, the default, and kept) beside torchtitan
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan \
@@ -114,8 +114,19 @@ case "$stage" in
     setup; G="timeout 270 python3 tools/bench/bench_gemm.py --quack"
     $G --sizes 1.3B --seq 2048 --micro-batch 12 --out "$OUT/gemm_quack_1.3B.json" | tail -22 || true
     $G --sizes llama-1B --seq 2048 --micro-batch 8 --out "$OUT/gemm_quack_llama1B.json" | tail -22 || true ;;
+  optimizer)   # ~6 min, needs .cute-* (the MLP default): fused_optimizer_step's GPU tests, the step alone (torch's
+    # fused AdamW + the bf16 copy against the one Triton kernel) at three sizes, then 410M default / unfused step
+    setup; timeout 150 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_adamw.py -q > "$OUT/pytest_fused_adamw.txt" 2>&1 || true
+    tail -6 "$OUT/pytest_fused_adamw.txt"
+    timeout 90 python3 tools/bench/bench_optimizer.py --sizes 410M,1.3B,llama-1B --out "$OUT/optimizer_step.json" || true
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --variant "default:" \
+      --variant "torch-step: fused_optimizer_step=false" --out "$OUT/410M_fused_step.json" --markdown | grep "^| 410M" || true ;;
+  optimizer-1.3b)   # ~5 min, needs .cute-*: 1.3B (2048 x 12) default / unfused step (the 62% MFU target)
+    setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
+      --variant "default:" --variant "torch-step: fused_optimizer_step=false" --out "$OUT/1-3B_fused_step.json" \
+      --markdown | grep "^| 1.3B" || true ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-host gemm-quack gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-host gemm-quack optimizer optimizer-1.3b gpu-tests" ;;
 esac

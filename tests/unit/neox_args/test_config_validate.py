@@ -59,6 +59,8 @@ CASES = [
     ({"free_grad_sums_between_steps": True, "bf16": {"enabled": True, "immediate_grad_update": True},
       "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, 1,
      ["with bf16.immediate_grad_update", "drop one of the two"]),
+    ({"fused_optimizer_step": True}, 1,
+     ["fused_optimizer_step: true", "fuses the AdamW step", "this config gets torch optimizer", "grad_accum_dtype: fp32"]),
     ({"betas": [0.9]}, 1, ["betas: [0.9]", "two numbers"]),
     ({"hidden_dropout": 1.0}, 1, ["hidden_dropout: 1.0"]),
     ({"num_layers": 0}, 1, ["num_layers: 0", "positive integer"]),

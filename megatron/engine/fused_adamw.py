@@ -1,0 +1,156 @@
+"""AdamW over BF16_Optimizer's flat fp32 masters with the bf16 weights written in the same pass.
+
+BF16_Optimizer's step runs torch's fused AdamW over each parameter group's flat fp32 master partition, then
+copies the partition into the bf16 weights (`update_lp_params`): the update reads and writes the masters and
+both moments, and the copy reads the masters once more. Here one Triton kernel per group does both, element
+by element (fp32 arithmetic, torch's fused AdamW formula, decoupled weight decay):
+
+    skip everything                              if found_inf == 1 (a non-finite gradient norm)
+    g      = grad / grad_scale                   (grad_scale: the clipping divisor, when clipping)
+    p      = p - lr * wd * p
+    m      = beta1 * m + (1 - beta1) * g
+    v      = beta2 * v + (1 - beta2) * g * g
+    p      = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    lp     = p rounded to the weights' dtype                     (the bf16 weights, this rank's partition)
+
+with t the group's step count, kept on the device as torch keeps it (`state["step"]`, fp32 scalar; it
+advances by 1 - found_inf before the kernel, as torch's fused step advances it and takes it back on
+found_inf). Traffic per parameter: read grad, p, m, v (16 bytes), write p, m, v, lp (14): 30 bytes
+against 28 + 6 for torch's kernel and DeepSpeed's copy. The optimizer state is torch's AdamW's
+(`exp_avg`, `exp_avg_sq`, `step`, created as torch creates them), so checkpoints are the same and a run may
+resume with or without this kernel (`fused_optimizer_step`).
+
+`applies()` says where it runs: a CUDA torch AdamW (or Adam with decoupled decay) without amsgrad, maximize
+or capturable, float hyperparameters, every parameter an fp32 contiguous tensor with a same-sized bf16/fp16
+target. Elsewhere the caller keeps torch's step and DeepSpeed's copy (CPU, no Triton).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+BLOCK = 2048  # elements per program
+NUM_WARPS = 8
+_LP_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[torch.Tensor]]) -> bool:
+    """Whether `step_` can update `optimizer` (a torch Adam/AdamW), writing each parameter of group i into
+    `lp_targets[i]` (same order and sizes)."""
+    if not isinstance(optimizer, torch.optim.Adam) or _kernel() is None:
+        return False
+    if len(lp_targets) != len(optimizer.param_groups):
+        return False
+    for group, targets in zip(optimizer.param_groups, lp_targets):
+        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        if (not decoupled or group.get("amsgrad") or group.get("maximize") or group.get("capturable")
+                or not all(isinstance(group[k], float) for k in ("lr", "eps", "weight_decay"))
+                or not all(isinstance(b, float) for b in group["betas"])
+                or len(targets) != len(group["params"])):
+            return False
+        for param, target in zip(group["params"], targets):
+            if not (param.is_cuda and param.dtype == torch.float32 and param.is_contiguous()
+                    and target.device == param.device and target.dtype in _LP_DTYPES and target.is_contiguous()
+                    and target.numel() == param.numel()
+                    and (param.grad is None or (param.grad.dtype == torch.float32 and param.grad.is_contiguous()))
+                    and _state_fits(optimizer.state.get(param), param)):
+                return False
+    return True
+
+
+def _state_fits(state: Optional[dict], param: torch.Tensor) -> bool:
+    """No state yet (created at the first step), or torch's fused AdamW state on the parameter's device."""
+    if not state:
+        return True
+    step = state.get("step")
+    moments = [state.get("exp_avg"), state.get("exp_avg_sq")]
+    return (isinstance(step, torch.Tensor) and step.device == param.device and step.dtype == torch.float32
+            and step.numel() == 1
+            and all(isinstance(m, torch.Tensor) and m.device == param.device and m.dtype == torch.float32
+                    and m.is_contiguous() and m.numel() == param.numel() for m in moments))
+
+
+def _state(optimizer: torch.optim.Adam, param: torch.Tensor) -> dict:
+    """The parameter's AdamW state, created as torch's fused AdamW creates it on its first step."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+@torch.no_grad()
+def step_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tensor]], found_inf: torch.Tensor,
+          grad_scale: Optional[torch.Tensor] = None) -> None:
+    """One AdamW step of every parameter with a gradient, its weights-dtype copy written into the matching
+    `lp_targets` tensor (module docstring). `found_inf`: fp32 device scalar, 1.0 skips the step (params,
+    moments, step count and targets untouched); `grad_scale`: fp32 device scalar dividing the gradients."""
+    kernel, triton_dtypes = _kernel()
+    found_inf = found_inf.to(torch.float32).reshape(())
+    scale = grad_scale if grad_scale is not None else found_inf  # any fp32 scalar: not read without HAS_SCALE
+    for group, targets in zip(optimizer.param_groups, lp_targets):
+        beta1, beta2 = group["betas"]
+        for param, target in zip(group["params"], targets):
+            if param.grad is None or param.numel() == 0:
+                continue
+            state = _state(optimizer, param)
+            state["step"] += 1.0 - found_inf  # torch: += 1, then -= found_inf
+            numel = param.numel()
+            kernel[(triton_cdiv(numel, BLOCK),)](
+                param, param.grad, state["exp_avg"], state["exp_avg_sq"], target, numel,
+                state["step"], found_inf, scale,
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                HAS_SCALE=grad_scale is not None, LP_DTYPE=triton_dtypes[target.dtype], BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+try:  # optional: without Triton (CPU machines) `applies` says no and the caller keeps torch's step
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _kernel():
+    """(the Triton kernel, {torch dtype: triton dtype}), or None where Triton is not installed."""
+    if triton is None:
+        return None
+    return adamw_lp_kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+if triton is not None:
+    @triton.jit
+    def adamw_lp_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, numel,
+                        step_ptr, found_inf_ptr, grad_scale_ptr,
+                        lr, beta1, beta2, eps, weight_decay,
+                        HAS_SCALE: tl.constexpr, LP_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """One AdamW step of elements [program * BLOCK, +BLOCK) and their rounded copy (module docstring)."""
+        if tl.load(found_inf_ptr) == 0.0:
+            index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: > 2**31 elements
+            inside = index < numel
+            step = tl.load(step_ptr)
+            bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))  # 1 - beta1^t
+            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+            grad = tl.load(grad_ptr + index, mask=inside)
+            if HAS_SCALE:
+                grad = grad / tl.load(grad_scale_ptr)
+            param = tl.load(param_ptr + index, mask=inside)
+            exp_avg = tl.load(exp_avg_ptr + index, mask=inside)
+            exp_avg_sq = tl.load(exp_avg_sq_ptr + index, mask=inside)
+            param = param - lr * weight_decay * param
+            exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+            exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+            denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+            param = param - (lr / bias_correction1) * exp_avg / denom
+            tl.store(param_ptr + index, param, mask=inside)
+            tl.store(exp_avg_ptr + index, exp_avg, mask=inside)
+            tl.store(exp_avg_sq_ptr + index, exp_avg_sq, mask=inside)
+            tl.store(lp_ptr + index, param.to(LP_DTYPE, fp_downcast_rounding="rtne"), mask=inside)

@@ -1,0 +1,147 @@
+"""fused_optimizer_step on the GPU (megatron/engine/fused_adamw.py, bf16_optimizer_patches item 5).
+
+1. The kernel against torch's fused AdamW followed by the bf16 copy, over sizes that end inside a block or
+   span many, with and without weight decay and the clipping divisor, through a skipped (found_inf) step:
+   masters and moments within a few fp32 ulps (rtol 1e-6; torch rounds its powers and divisions in its own
+   order), the step count equal, and the bf16 weights exactly the masters rounded to nearest.
+2. A real BF16_Optimizer (bf16 weights, fp32 gradient sums, ZeRO 1, one NCCL rank, clipping on) trains the
+   same with the fused step as with torch's (masters within rtol 1e-5 after 4 steps, one of them skipped on a
+   nan gradient, whose losses agree to bf16 rounding), the fused path is the one taken (torch's step is never called), and the optimizer state
+   has the same keys, shapes and dtypes as torch's, so a checkpoint loads into either.
+"""
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers.distributed import find_free_port
+
+pytestmark = pytest.mark.gpu
+
+SIZES = (1, 2047, 2048, 3 * 2048 + 5, 1_000_003)
+NAN_STEP = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _nccl_rank():
+    if not torch.cuda.is_available():
+        pytest.fail("tests/gpu needs a CUDA device (run them with -m gpu on the GPU machine)")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(find_free_port())})
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    yield
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
+def test_kernel_equals_torch_fused_adamw_and_copy(clip):
+    from megatron.engine import fused_adamw
+
+    assert fused_adamw._kernel() is not None, "Triton is missing on the GPU machine"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    start = [torch.randn(n, device="cuda", generator=generator) for n in SIZES]
+    ours = [nn.Parameter(p.clone()) for p in start]
+    ref = [nn.Parameter(p.clone()) for p in start]
+
+    def groups(params):
+        return [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
+
+    ours_opt = torch.optim.AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    lp = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n in SIZES]
+    targets = [lp[:3], lp[3:]]
+    ref_lp = [torch.empty_like(t) for t in lp]
+    for step in range(5):
+        grads = [torch.randn(n, device="cuda", generator=generator) for n in SIZES]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        found_inf = torch.full((), 1.0 if step == 2 else 0.0, device="cuda")
+        grad_scale = torch.full((), 1.7, device="cuda") if clip else None
+        assert fused_adamw.applies(ours_opt, targets)
+        fused_adamw.step_(ours_opt, targets, found_inf, grad_scale)
+        ref_opt.found_inf, ref_opt.grad_scale = found_inf, grad_scale
+        ref_opt.step()
+        for weights, q in zip(ref_lp, ref):
+            weights.copy_(q.detach())
+    torch.cuda.synchronize()
+    for index, (p, q) in enumerate(zip(ours, ref)):
+        mine, theirs = ours_opt.state[p], ref_opt.state[q]
+        assert torch.equal(mine["step"], theirs["step"]) and float(mine["step"]) == 4.0, index  # one skipped
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"param {index}")
+        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"], rtol=1e-6, atol=1e-9, msg=f"m {index}")
+        torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"], rtol=1e-6, atol=1e-12, msg=f"v {index}")
+        assert torch.equal(lp[index], p.detach().to(torch.bfloat16)), f"bf16 weights {index} are not the masters"
+
+
+def test_a_skipped_first_step_leaves_everything_untouched():
+    from megatron.engine import fused_adamw
+
+    param = nn.Parameter(torch.randn(5000, device="cuda"))
+    before = param.detach().clone()
+    param.grad = torch.full_like(param, float("nan"))
+    optimizer = torch.optim.AdamW([param], lr=1e-2, fused=True)
+    lp = torch.zeros(5000, device="cuda", dtype=torch.bfloat16)
+    fused_adamw.step_(optimizer, [[lp]], torch.ones((), device="cuda"))
+    state = optimizer.state[param]
+    assert torch.equal(param.detach(), before) and float(state["step"]) == 0.0
+    assert not state["exp_avg"].any() and not state["exp_avg_sq"].any() and not lp.any()
+
+
+def _train(fused: bool, steps: int = 4):
+    import deepspeed
+
+    from megatron.engine import bf16_optimizer_patches
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    bf16_optimizer_patches.install()
+    torch.manual_seed(0)
+    width = 512
+    module = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, width, bias=False)).cuda()
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.5,
+              "bf16": {"enabled": True, "check_grad_overflow": False}, "data_types": {"grad_accum_dtype": "fp32"}}
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3, fused=True)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+    if fused:
+        assert bf16_optimizer_patches.enable_fused_step(engine.optimizer)
+
+        def not_here(*args, **kwargs):
+            raise AssertionError("torch's AdamW step ran although the fused step is on")
+
+        engine.optimizer.optimizer.step = not_here
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(8, 64, width, device="cuda", generator=generator).bfloat16()
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss * float("nan") if step == NAN_STEP else loss)  # a skipped step on both sides
+        engine.step()
+        losses.append(float(loss))
+    skipped = bf16_optimizer_patches.nonfinite_steps(engine.optimizer)
+    masters = torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])
+    weights = torch.cat([flat.detach().float() for flat in engine.optimizer.bf16_groups_flat])  # same layout
+    state = {key: (tuple(value.shape), value.dtype, value.device.type)
+             for group_state in engine.optimizer.optimizer.state_dict()["state"].values()
+             for key, value in group_state.items()}
+    bf16_optimizer_patches.uninstall()
+    del engine, optimizer
+    assert skipped == 1, f"{skipped} steps skipped (fused={fused}), 1 expected"
+    return losses, masters, weights, state
+
+
+def test_bf16_optimizer_trains_the_same_with_the_fused_step():
+    ref_losses, ref_masters, ref_weights, ref_state = _train(fused=False)
+    losses, masters, weights, state = _train(fused=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-2, atol=0)
+    torch.testing.assert_close(masters, ref_masters, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weights, masters.to(torch.bfloat16).float()), "bf16 weights are not the rounded masters"
+    assert state == ref_state

@@ -1,0 +1,103 @@
+"""BF16_Optimizer's step on one GPU, alone: torch's fused AdamW plus DeepSpeed's copy of the masters into the
+bf16 weights, against megatron/engine/fused_adamw.py (the two in one Triton kernel, `fused_optimizer_step`).
+
+    python tools/bench/bench_optimizer.py --sizes 410M,1.3B,llama-1B [--out f.json]
+
+For each size the model is built on the meta device to get its two parameter groups (decayed matrices,
+undecayed 1-D parameters: megatron/training/optimizer.py), each one flat fp32 master as BF16_Optimizer
+holds it at one data-parallel rank, with fp32 gradients, both Adam moments and the flat bf16 weights on the
+device. Both sides take the step as our patched BF16_Optimizer.step hands it over (a device found_inf of 0
+and a clipping divisor grad_scale). Timed: median of --iters steps after --warmup (CUDA events); the bytes
+each side moves per parameter are printed with the bandwidth they imply (torch 28 + copy 6, fused 30).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gemm import _time, bench_args, kernel_bench_parser, write_reports  # noqa: E402
+
+BYTES_PER_PARAM = {"torch": 28 + 6, "fused": 30}
+"""HBM bytes per parameter: torch's AdamW reads grad, p, m, v and writes p, m, v (fp32), the copy reads p and
+writes bf16; the fused kernel does the same reads and writes once, bf16 included."""
+
+
+def group_sizes(args) -> list[int]:
+    """Elements of the decayed (ndim >= 2) and undecayed parameter groups of the full model (meta device)."""
+    from megatron.launcher.dry_run import meta_model
+
+    model, _ = meta_model(args)
+    decay = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
+    no_decay = sum(p.numel() for p in model.parameters() if p.ndim < 2)
+    return [n for n in (decay, no_decay) if n]
+
+
+def bench_size(size: str, opts, device) -> dict:
+    import torch
+
+    from megatron.engine import fused_adamw
+
+    sizes = group_sizes(bench_args(size, opts.seq, opts.micro_batch, "cpu"))
+    generator = torch.Generator(device=device).manual_seed(0)
+    masters = [torch.nn.Parameter(torch.randn(n, device=device, generator=generator)) for n in sizes]
+    for master in masters:
+        master.grad = torch.randn(master.shape, device=device, generator=generator) * 1e-3
+    lp = [torch.empty(n, device=device, dtype=torch.bfloat16) for n in sizes]
+    groups = [{"params": [masters[0]], "weight_decay": 0.1}] + [{"params": [m], "weight_decay": 0.0}
+                                                                 for m in masters[1:]]
+    found_inf = torch.zeros((), device=device)
+    grad_scale = torch.full((), 1.5, device=device)
+    report = {"params": sum(sizes), "groups": sizes}
+
+    torch_adamw = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    def torch_step():
+        torch_adamw.found_inf, torch_adamw.grad_scale = found_inf, grad_scale
+        torch_adamw.step()
+        for master, weights in zip(masters, lp):
+            weights.copy_(master.detach())
+
+    fused = torch.optim.AdamW([{k: ([torch.nn.Parameter(p.detach().clone())] if k == "params" else v)
+                                for k, v in g.items()} for g in groups], lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                              fused=True)
+    for group, master in zip(fused.param_groups, masters):
+        group["params"][0].grad = master.grad
+    targets = [[weights] for weights in lp]
+    assert fused_adamw.applies(fused, targets), "fused_adamw does not apply on this device"
+
+    def fused_step():
+        fused_adamw.step_(fused, targets, found_inf, grad_scale)
+
+    for name, fn in (("torch", torch_step), ("fused", fused_step)):
+        ms = _time(fn, opts.warmup, opts.iters, device)
+        report[f"{name}_ms"] = ms
+        report[f"{name}_tb_s"] = BYTES_PER_PARAM[name] * report["params"] / ms / 1e9
+    report["fused_vs_torch"] = report["torch_ms"] / report["fused_ms"]
+    print(f"{size}: {report['params'] / 1e6:.1f} M parameters; torch AdamW + copy {report['torch_ms']:.3f} ms "
+          f"({report['torch_tb_s']:.2f} TB/s), fused {report['fused_ms']:.3f} ms ({report['fused_tb_s']:.2f} TB/s): "
+          f"{report['fused_vs_torch']:.2f}x", flush=True)
+    del torch_adamw, fused, masters, lp
+    return report
+
+
+def main(argv=None) -> int:
+    import torch
+
+    opts = kernel_bench_parser(__doc__.split("\n")[0], "410M,1.3B,llama-1B").parse_args(argv)
+    device = torch.device(opts.device or "cuda")
+    if device.type != "cuda":
+        raise SystemExit("bench_optimizer: the fused step is a CUDA kernel; run it on a GPU")
+    reports = {}
+    for size in opts.sizes.split(","):
+        reports[size] = bench_size(size, opts, device)
+        torch.cuda.empty_cache()
+    write_reports(opts, device, reports)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
