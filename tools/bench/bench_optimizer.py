@@ -8,7 +8,8 @@ undecayed 1-D parameters: megatron/training/optimizer.py), each one flat fp32 ma
 holds it at one data-parallel rank, with fp32 gradients, both Adam moments and the flat bf16 weights on the
 device. Both sides take the step as our patched BF16_Optimizer.step hands it over (a device found_inf of 0
 and a clipping divisor grad_scale). Timed: median of --iters steps after --warmup (CUDA events); the bytes
-each side moves per parameter are printed with the bandwidth they imply (torch 28 + copy 6, fused 30).
+each side moves per parameter are printed with the bandwidth they imply (torch 28 + copy 6, fused 30);
+the fused kernel is timed at a few block sizes (`CONFIGS`), the module's own reported as its time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_gemm import _time, bench_args, kernel_bench_parser, write_reports  # noqa: E402
 
+CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16))
+"""(BLOCK, num_warps) of the fused kernel timed besides the module's default."""
 BYTES_PER_PARAM = {"torch": 28 + 6, "fused": 30}
 """HBM bytes per parameter: torch's AdamW reads grad, p, m, v and writes p, m, v (fp32), the copy reads p and
 writes bf16; the fused kernel does the same reads and writes once, bf16 included."""
@@ -61,25 +64,34 @@ def bench_size(size: str, opts, device) -> dict:
         for master, weights in zip(masters, lp):
             weights.copy_(master.detach())
 
-    fused = torch.optim.AdamW([{k: ([torch.nn.Parameter(p.detach().clone())] if k == "params" else v)
-                                for k, v in g.items()} for g in groups], lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                              fused=True)
-    for group, master in zip(fused.param_groups, masters):
-        group["params"][0].grad = master.grad
+    copies = [torch.nn.Parameter(master.detach().clone()) for master in masters]
+    fused = torch.optim.AdamW([dict(group, params=[copy]) for group, copy in zip(groups, copies)], lr=1e-4,
+                              betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for copy, master in zip(copies, masters):
+        copy.grad = master.grad
     targets = [[weights] for weights in lp]
     assert fused_adamw.applies(fused, targets), "fused_adamw does not apply on this device"
 
     def fused_step():
         fused_adamw.step_(fused, targets, found_inf, grad_scale)
 
-    for name, fn in (("torch", torch_step), ("fused", fused_step)):
-        ms = _time(fn, opts.warmup, opts.iters, device)
-        report[f"{name}_ms"] = ms
-        report[f"{name}_tb_s"] = BYTES_PER_PARAM[name] * report["params"] / ms / 1e9
+    report["torch_ms"] = _time(torch_step, opts.warmup, opts.iters, device)
+    report["torch_tb_s"] = BYTES_PER_PARAM["torch"] * report["params"] / report["torch_ms"] / 1e9
+    default = (fused_adamw.BLOCK, fused_adamw.NUM_WARPS)
+    report["fused_configs"] = {}
+    try:
+        for block, warps in CONFIGS:
+            fused_adamw.BLOCK, fused_adamw.NUM_WARPS = block, warps
+            report["fused_configs"][f"{block}x{warps}"] = _time(fused_step, opts.warmup, opts.iters, device)
+    finally:
+        fused_adamw.BLOCK, fused_adamw.NUM_WARPS = default
+    report["fused_ms"] = report["fused_configs"][f"{default[0]}x{default[1]}"]
+    report["fused_tb_s"] = BYTES_PER_PARAM["fused"] * report["params"] / report["fused_ms"] / 1e9
     report["fused_vs_torch"] = report["torch_ms"] / report["fused_ms"]
     print(f"{size}: {report['params'] / 1e6:.1f} M parameters; torch AdamW + copy {report['torch_ms']:.3f} ms "
           f"({report['torch_tb_s']:.2f} TB/s), fused {report['fused_ms']:.3f} ms ({report['fused_tb_s']:.2f} TB/s): "
-          f"{report['fused_vs_torch']:.2f}x", flush=True)
+          f"{report['fused_vs_torch']:.2f}x; BLOCK x warps: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report["fused_configs"].items()), flush=True)
     del torch_adamw, fused, masters, lp
     return report
 
