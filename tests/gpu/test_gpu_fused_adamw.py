@@ -11,13 +11,12 @@
 """
 
 import logging
-import os
 
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers.distributed import find_free_port
+from tests.helpers.distributed import join_single_nccl_rank
 
 pytestmark = pytest.mark.gpu
 
@@ -27,15 +26,7 @@ NAN_STEP = 2
 
 @pytest.fixture(autouse=True, scope="module")
 def _nccl_rank():
-    if not torch.cuda.is_available():
-        pytest.fail("tests/gpu needs a CUDA device (run them with -m gpu on the GPU machine)")
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(find_free_port())})
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
+    join_single_nccl_rank()
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])

@@ -48,6 +48,21 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
+def join_single_nccl_rank() -> None:
+    """Make this process rank 0 of a one-rank NCCL group (the GPU tests that build a DeepSpeed engine in
+    the pytest process), unless a group exists already; fails the test where there is no CUDA device."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        pytest.fail("tests/gpu needs a CUDA device (run them with -m gpu on the GPU machine)")
+    if not dist.is_initialized():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(find_free_port())})
+        dist.init_process_group("nccl", rank=0, world_size=1)
+
+
 def _worker(rank: int, world_size: int, port: int, timeout: float, result_dir: str,
             fn: Callable, args: tuple) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),

@@ -92,7 +92,6 @@ def bench_size(size: str, opts, device) -> dict:
           f"({report['torch_tb_s']:.2f} TB/s), fused {report['fused_ms']:.3f} ms ({report['fused_tb_s']:.2f} TB/s): "
           f"{report['fused_vs_torch']:.2f}x; BLOCK x warps: "
           + ", ".join(f"{k} {v:.3f}" for k, v in report["fused_configs"].items()), flush=True)
-    del torch_adamw, fused, masters, lp
     return report
 
 
