@@ -4,7 +4,8 @@
 #   bash tools/bench/throughput_gpu.sh STAGE
 # Wheels made on the CPU machine beforehand (no internet on the GPU machine):
 #   bash ../shared/gpu/make-wheels.sh                      -> .whl (deepspeed and its needs)
-#   torchtitan 0.2.2 + torchdata, datasets, tyro, tomli... -> .whl-tt (carried with .whl: `--baselines torchtitan`)
+#   bash tools/bench/make_torchtitan_wheels.sh            -> .whl-tt (torchtitan 0.2.2 and its imports; carried
+#                                                             with .whl for `--baselines torchtitan`)
 #   bash ../shared/gpu/make-cute-wheels.sh                 -> .cute-a, .cute-b (FA4: two commands back to back,
 #                                                             as tools/bench/long_seq_gpu.sh says)
 # Every stage installs what is carried (fast when already there) and writes JSON under $OUT.
