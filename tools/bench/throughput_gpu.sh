@@ -105,6 +105,11 @@ case "$stage" in
     timeout 70 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=3 \
       > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
     tail -8 "$OUT/pytest_fused_mlp_tuned.txt" ;;
+  mlp-tests-tuned)   # ~8 min, needs .cute-*: only the autotuned cases of the fused MLP's GPU tests (each tunes its
+    # shapes afresh on a new machine, more than 45 s a shape: too long to follow the other tests in one call)
+    setup; timeout 540 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_mlp.py -q -k "tuned" --durations=8 \
+      > "$OUT/pytest_fused_mlp_tuned.txt" 2>&1 || true
+    tail -14 "$OUT/pytest_fused_mlp_tuned.txt" ;;
   mlp-host)   # ~4 min, needs .cute-*: why the 410M forward's host span grew with the fused MLP (22.8 -> 34.8 ms,
     # 2026-12-02): host syncs (torch's sync-debug mode) and the profile, default (autotuned) / untuned / torch
     setup; $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --sync-debug --profile --variant "default:" \
@@ -129,5 +134,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-host gemm-quack optimizer optimizer-1.3b gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b gpu-tests" ;;
 esac
