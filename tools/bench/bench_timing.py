@@ -269,12 +269,14 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     """torch.profiler over `steps` calls of `step`, back to back. On cuda: device time per step by kernel
     category and the top kernels (kernel_breakdown), the most launched kernels and the device's idle time
     between kernels (kernel_gaps); on cpu: the top `rows` operators by self CPU time. Shows where a
-    step's time goes."""
+    step's time goes. On cuda only the device's activity is traced: tracing every CPU operator too made the
+    host ~3x slower and the idle gaps between kernels 3x longer than unprofiled (410M on an H200: 16.4 ms
+    against ~5 ms a step), which hid where the real ones are."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     synchronize(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
