@@ -270,7 +270,7 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     category and the top kernels (kernel_breakdown), the most launched kernels and the device's idle time
     between kernels (kernel_gaps); on cpu: the top `rows` operators by self CPU time. Shows where a
     step's time goes. On cuda only the device's activity is traced: tracing every CPU operator too made the
-    host ~3x slower and the idle gaps between kernels 3x longer than unprofiled (410M on an H200: 16.4 ms
+    idle gaps between kernels ~3x longer than unprofiled (410M on an H200: 16.4 ms
     against ~5 ms a step), which hid where the real ones are."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
