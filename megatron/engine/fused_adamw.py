@@ -21,7 +21,7 @@ against 28 + 6 for torch's kernel and DeepSpeed's copy. The optimizer state is t
 resume with or without this kernel (`fused_optimizer_step`).
 
 `applies()` says where it runs: a CUDA torch AdamW (or Adam with decoupled decay) without amsgrad, maximize
-or capturable, float hyperparameters, every parameter an fp32 contiguous tensor with a same-sized bf16/fp16
+or capturable, number (not tensor) hyperparameters, every parameter an fp32 contiguous tensor with a same-sized bf16/fp16
 target. Elsewhere the caller keeps torch's step and DeepSpeed's copy (CPU, no Triton).
 """
 
@@ -46,8 +46,8 @@ def applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[torch.Tensor
     for group, targets in zip(optimizer.param_groups, lp_targets):
         decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
         if (not decoupled or group.get("amsgrad") or group.get("maximize") or group.get("capturable")
-                or not all(isinstance(group[k], float) for k in ("lr", "eps", "weight_decay"))
-                or not all(isinstance(b, float) for b in group["betas"])
+                or not all(_is_number(group[k]) for k in ("lr", "eps", "weight_decay"))
+                or not all(_is_number(b) for b in group["betas"])
                 or len(targets) != len(group["params"])):
             return False
         for param, target in zip(group["params"], targets):
@@ -58,6 +58,11 @@ def applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[torch.Tensor
                     and _state_fits(optimizer.state.get(param), param)):
                 return False
     return True
+
+
+def _is_number(value) -> bool:
+    """A Python int or float hyperparameter (a tensor lr, say, would need a host read per step)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _state_fits(state: Optional[dict], param: torch.Tensor) -> bool:
@@ -99,17 +104,13 @@ def step_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tensor]], fou
             state = _state(optimizer, param)
             state["step"] += 1.0 - found_inf  # torch: += 1, then -= found_inf
             numel = param.numel()
-            kernel[(triton_cdiv(numel, BLOCK),)](
+            kernel[((numel + BLOCK - 1) // BLOCK,)](
                 param, param.grad, state["exp_avg"], state["exp_avg_sq"], target, numel,
-                state["step"], found_inf, scale,
-                group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                state["step"], found_inf, scale,  # float(): an int would make Triton compile an integer argument
+                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
                 HAS_SCALE=grad_scale is not None, LP_DTYPE=triton_dtypes[target.dtype], BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 try:  # optional: without Triton (CPU machines) `applies` says no and the caller keeps torch's step
