@@ -70,10 +70,13 @@ def enable_fused_step(optimizer, rank: int, required: bool) -> bool:
         return True
     if required:
         device = optimizer.fp32_groups_flat_partition[0].device
-        reason = ("Triton is not installed" if fused_adamw._kernel() is None and device.type == "cuda"
-                  else f"the optimizer runs on {device.type}, the kernel needs CUDA" if device.type != "cuda"
-                  else "the inner optimizer is not torch's AdamW with float hyperparameters (amsgrad, maximize "
-                       "and capturable are not supported)")
+        if device.type != "cuda":
+            reason = f"the optimizer runs on {device.type}, the kernel needs CUDA"
+        elif fused_adamw._kernel() is None:
+            reason = "Triton is not installed"
+        else:
+            reason = ("the inner optimizer is not torch's AdamW with number hyperparameters (amsgrad, maximize "
+                      "and capturable are not supported)")
         raise RuntimeError(f"fused_optimizer_step: true, but it cannot run here: {reason}; set "
                            f"fused_optimizer_step: false or drop the key.")
     return False
