@@ -8,7 +8,10 @@ The trainer's loop is the same for both engines; it calls a step function:
 
 - `EngineStep` (pipe_parallel_size <= 1): grad_acc micro-batches of `engine(tokens, labels, loss_mask)`,
   `engine.backward`, `engine.step` (the optimizer steps at the accumulation boundary). Loss sum = the
-  sum of this data-parallel rank's micro-batch losses.
+  sum of this data-parallel rank's micro-batch losses. Under a CUDA-graph `torch_compile_mode` each
+  micro-batch starts a new iteration of torch's CUDA-graph trees (`torch.compiler.cudagraph_mark_step_begin`),
+  so that the recorded layers may reuse the graph memory of the last one, whose gradients the engine has
+  folded into the optimizer's sums by then (and whose loss was read out as a new tensor).
 - `PipelineStep` (pipe_parallel_size > 1): DeepSpeed's `PipelineEngine.train_batch` / `eval_batch` run the
   grad_acc micro-batches through the stages (1F1B schedule), reduce tied and data-parallel gradients,
   clip and step. The loss exists on the last stage only; DeepSpeed broadcasts it over the pipeline group
@@ -35,8 +38,9 @@ from megatron.mpu.reductions import grad_norm
 
 class EngineStep:
     def __init__(self, model: torch.nn.Module, parallel, grad_acc: int, sum_sequence_parallel_grads: bool = False,
-                 guard=None):
-        self.model = model  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
+                 guard=None, cudagraphs: bool = False):
+        self.model = model
+        self.cudagraphs = cudagraphs  # layers compiled in a CUDA-graph mode: mark each micro-batch  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
         # megatron.training.divergence.DivergenceGuard or None: in plain fp32 (DeepSpeed keeps no norm and
         # would step on NaN gradients) the norm is then measured at every step and a non-finite one skips it
         self.guard = guard
@@ -47,8 +51,9 @@ class EngineStep:
         self.sum_sequence_parallel_grads = sum_sequence_parallel_grads
         self._fp32_grad_norm = None
 
-    @staticmethod
-    def _forward_loss(engine, batch: dict) -> torch.Tensor:
+    def _forward_loss(self, engine, batch: dict) -> torch.Tensor:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         # tensors to the device; host values (max_seqlen of document-aware batches) stay on the host
         batch = {key: value.to(engine.device, non_blocking=True) if torch.is_tensor(value) else value
                  for key, value in batch.items()}

@@ -100,6 +100,11 @@ class Embedding(nn.Module):
         return hidden_dropout(x, self.dropout, self.training, self.parallel.sequence_parallel)
 
 
+def compile_options(compile_mode: str) -> dict:
+    """torch.compile's keyword arguments for `training.torch_compile_mode` ("default": torch's own default)."""
+    return {} if compile_mode == "default" else {"mode": compile_mode}
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm block; x [s, b, h] (or [s/tp, b, h] under SP) -> same shape.
 
@@ -203,6 +208,7 @@ class GPTModel(nn.Module):
         recompute_modules: tuple = (),
         checkpoint_keep_attention: bool = False,
         torch_compile: bool = False,
+        compile_mode: str = "default",
         init_seed: int | None = None,
     ):
         super().__init__()
@@ -252,11 +258,12 @@ class GPTModel(nn.Module):
             layer.attention.recompute_core = "core_attn" in recompute_modules
             layer.mlp.recompute_act = "mlp_act" in recompute_modules
         if torch_compile:
+            options = compile_options(compile_mode)
             for layer in self.layers:
-                layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
+                layer.compile(**options)  # in place: parameter names (checkpoint keys) are unchanged
                 if checkpoint_keep_attention:  # the two pieces run around the attention kernel, compiled too
-                    layer.attention_inputs = torch.compile(layer.attention_inputs)
-                    layer.after_attention = torch.compile(layer.after_attention)
+                    layer.attention_inputs = torch.compile(layer.attention_inputs, **options)
+                    layer.after_attention = torch.compile(layer.after_attention, **options)
 
     def _run_layers(self, start: int, end: int, **documents):
         def run(x: torch.Tensor) -> torch.Tensor:

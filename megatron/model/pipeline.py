@@ -33,7 +33,8 @@ import re
 import torch
 from torch import nn
 
-from megatron.model.gpt import DTYPES, Embedding, GPTModel, TransformerLayer, build_output_layer, real_vocab_size
+from megatron.model.gpt import (DTYPES, Embedding, GPTModel, TransformerLayer, build_output_layer, compile_options,
+                                real_vocab_size)
 from megatron.model.init import resolve_init_seed
 from megatron.model.norms import build_norm
 from megatron.mpu.initialize import ParallelState
@@ -176,11 +177,11 @@ def _checkpoint_func(checkpoint, parallel: ParallelState, partition_activations:
 
 def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: ParallelState, precision: str = "fp32",
                          *, partition_method: str = "type:transformer|mlp", checkpoint_activations: bool = False,
-                         checkpoint_num_layers: int = 1, torch_compile: bool = False, init_seed: int | None = None,
-                         partition_activations: bool = False):
+                         checkpoint_num_layers: int = 1, torch_compile: bool = False, compile_mode: str = "default",
+                         init_seed: int | None = None, partition_activations: bool = False):
     """This rank's stage of the GPT model: a DeepSpeed `PipelineModule` over `layer_specs` (needs
     torch.distributed and `parallel` from `mpu.initialize_model_parallel` with pp_size > 1). The keyword
-    flags are GPTModel's (`torch_compile` compiles each transformer layer in place)."""
+    flags are GPTModel's (`torch_compile` compiles each transformer layer in place, in `compile_mode`)."""
     from deepspeed.pipe import PipelineModule
 
     from megatron.mpu.random import checkpoint
@@ -198,7 +199,7 @@ def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: Paral
     if torch_compile:
         for layer in module.forward_funcs:
             if isinstance(layer, TransformerLayer):
-                layer.compile()  # in place: parameter names (checkpoint keys) are unchanged
+                layer.compile(**compile_options(compile_mode))  # in place: parameter names are unchanged
     return module
 
 

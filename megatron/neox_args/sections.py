@@ -437,6 +437,14 @@ class TrainingArgs:
     """torch.compile each transformer layer. null (the default) chooses for the device at start: on for CUDA,
     off for CPU (printed at start; megatron/training/device_defaults.py)."""
 
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's `mode` for the compiled layers. `reduce-overhead`: each layer's forward and backward are
+    recorded once as CUDA graphs (torch's CUDA-graph trees) and replayed, so the host no longer launches every
+    kernel itself; the step marks each micro-batch as a new graph iteration. Needs a static shape, no pipeline
+    (pipe_parallel_size <= 1), no activation checkpointing and no recompute_modules (those run layer forwards
+    inside backward). `max-autotune-no-cudagraphs`: inductor times its own kernel choices at the first step;
+    `max-autotune`: both. Acts only where layers are compiled (torch_compile)."""
+
     max_consecutive_nonfinite_steps: int = 20
     """Divergence policy: an optimizer step whose loss or gradient norm is not finite (NaN/inf) is skipped
     (the weights and optimizer states stay as they were; fp16 loss-scale overflows count too); after this

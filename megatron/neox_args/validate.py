@@ -211,6 +211,42 @@ def _check_bf16_optimizer(args: Any, sources: Mapping[str, str], key: str, what:
                             f"the device, or drop the key.", key, "data_types", "zero_optimization")
 
 
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that replay each compiled layer as CUDA graphs."""
+
+
+def _check_compile_mode(args: Any, sources: Mapping[str, str]) -> None:
+    """torch_compile_mode: a mode other than default needs compiled layers; a CUDA-graph mode needs every layer
+    forward to run once per micro-batch, before its backward (no pipeline schedule, no recomputation)."""
+    training = args.training
+    mode = training.torch_compile_mode
+    if mode == "default":
+        return
+    if training.torch_compile is False:
+        raise fail(sources, f"torch_compile_mode: {mode} with torch_compile: false {{where}}: the mode is for "
+                            f"compiled layers; set torch_compile: true (or leave it unset on CUDA), or drop "
+                            f"torch_compile_mode.", "torch_compile_mode", "torch_compile")
+    if mode not in CUDAGRAPH_COMPILE_MODES:
+        return
+    conflicts = []
+    if args.parallel.pipe_parallel_size > 1:
+        conflicts.append((f"pipe_parallel_size: {args.parallel.pipe_parallel_size} (the pipeline schedule runs "
+                          f"several micro-batches' forwards before their backwards)", "pipe_parallel_size"))
+    if training.checkpoint_activations:
+        conflicts.append(("checkpoint_activations: true (layers run their forward again inside backward)",
+                          "checkpoint_activations"))
+    if training.recompute_modules:
+        conflicts.append((f"recompute_modules: {list(training.recompute_modules)} (parts of each layer run again "
+                          f"inside backward)", "recompute_modules"))
+    if conflicts:
+        what = "; ".join(text for text, _ in conflicts)
+        raise fail(sources, f"torch_compile_mode: {mode} {{where}} replays each compiled layer's forward and "
+                            f"backward as recorded CUDA graphs, once per micro-batch in that order, which this "
+                            f"config breaks: {what}. Use torch_compile_mode: default (or "
+                            f"max-autotune-no-cudagraphs), or drop those keys.",
+                   "torch_compile_mode", *(key for _, key in conflicts))
+
+
 GRAD_ACCUM_DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -294,3 +330,4 @@ def validate_sections(args: Any, sources: Mapping[str, str]) -> None:
     _check_upstream_extras(args, sources)
     check_long_seq(args, sources)
     check_mlp_impl(args, sources)
+    _check_compile_mode(args, sources)

@@ -52,7 +52,8 @@ def build_model(args, parallel, device_type: str):
                      checkpoint_in_cpu=args.training.checkpoint_in_cpu,
                      recompute_modules=tuple(args.training.recompute_modules),
                      checkpoint_keep_attention=args.training.checkpoint_keep_attention,
-                     torch_compile=choices.torch_compile, init_seed=args.training.seed)
+                     torch_compile=choices.torch_compile,
+                     compile_mode=args.training.torch_compile_mode, init_seed=args.training.seed)
     sum_sp_grads_per_step = False
     if parallel.sequence_parallel and parallel.tp_size > 1:
         zero_stage = args.parallel.zero_optimization.get("stage", 0)
@@ -77,7 +78,8 @@ def build_pipeline_stage(args, parallel, choices):
                                   checkpoint_activations=args.training.checkpoint_activations,
                                   checkpoint_num_layers=args.training.checkpoint_num_layers,
                                   partition_activations=args.training.partition_activations,
-                                  torch_compile=choices.torch_compile, init_seed=args.training.seed)
+                                  torch_compile=choices.torch_compile,
+                                  compile_mode=args.training.torch_compile_mode, init_seed=args.training.seed)
     if parallel.sequence_parallel and parallel.tp_size > 1:
         register_sequence_parallel_grad_hooks(module, parallel)
     return module

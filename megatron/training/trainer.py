@@ -19,6 +19,7 @@ from megatron.checkpointing.resume import TrainProgress, read_latest_or_none, sa
 from megatron.engine.build import skipped_steps
 from megatron.engine.steps import EngineStep
 from megatron.mpu.reductions import data_parallel_mean
+from megatron.neox_args.validate import CUDAGRAPH_COMPILE_MODES
 from megatron.training.divergence import DivergenceError, DivergenceGuard, all_finite
 
 
@@ -60,7 +61,7 @@ class Trainer:
         self.stopped_by: str | None = None
         self.step = step if step is not None else EngineStep(
             model, parallel, self.grad_acc, sum_sequence_parallel_grads=sum_sequence_parallel_grads_per_step,
-            guard=self.guard)
+            guard=self.guard, cudagraphs=args.training.torch_compile_mode in CUDAGRAPH_COMPILE_MODES)
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         self._loss_count = 0
 

@@ -131,8 +131,15 @@ case "$stage" in
     setup; $BENCH --sizes 1.3B --seq 2048 --micro-batch 12 --baselines= --set checkpoint_activations=false \
       --variant "default:" --variant "torch-step: fused_optimizer_step=false" --out "$OUT/1-3B_fused_step.json" \
       --markdown | grep "^| 1.3B" || true ;;
+  graphs)   # ~5 min, needs .cute-*: torch_compile_mode reduce-overhead (each layer replayed as CUDA graphs): its GPU
+    # test, then 410M (2048 x 8) default / graphs, profiled (device-only traces: where the host still leaves the GPU idle)
+    setup; timeout 120 python3 -m pytest -m gpu tests/gpu/test_gpu_cudagraphs.py -q > "$OUT/pytest_cudagraphs.txt" 2>&1 || true
+    tail -4 "$OUT/pytest_cudagraphs.txt"
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --profile --variant "default:" \
+      --variant "graphs: torch_compile_mode=reduce-overhead" --out "$OUT/410M_graphs.json" --markdown \
+      | grep -v "^    " || true ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs gpu-tests" ;;
 esac

@@ -199,3 +199,21 @@ def test_every_gpt_neox_activation_matches_a_reference(activation):
     expected = inner @ mlp.linear_fc2.weight.t() + mlp.linear_fc2.bias
     assert (mlp.linear_gate is not None) == (activation in ("geglu", "reglu", "bilinear", "glu", "swiglu"))
     torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, expected", [("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"}),
+                                            ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})])
+def test_torch_compile_mode_reaches_torch_compile(monkeypatch, mode, expected):
+    """`compile_mode` (training.torch_compile_mode) is what every layer's torch.compile gets; "default" passes
+    nothing, so torch's own default applies. (The CUDA graphs themselves: tests/gpu/test_gpu_cudagraphs.py.)"""
+    seen = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model_args, derived = make_args()
+    model = GPTModel(model_args, derived, ParallelState.single(), torch_compile=True, compile_mode=mode)
+    assert seen == [expected] * len(model.layers)

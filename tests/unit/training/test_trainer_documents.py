@@ -19,9 +19,9 @@ def test_forward_loss_passes_document_fields():
     batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(1, 4),
              "position_ids": torch.tensor([[0, 1, 0, 1]]), "cu_seqlens": torch.tensor([0, 2, 4], dtype=torch.int32),
              "max_seqlen": 2}
-    EngineStep._forward_loss(Engine(), batch)
+    EngineStep(None, None, 1)._forward_loss(Engine(), batch)
     args, kwargs = calls[0]
     assert len(args) == 3 and set(kwargs) == {"position_ids", "cu_seqlens", "max_seqlen"}
     assert kwargs["max_seqlen"] == 2 and kwargs["cu_seqlens"].tolist() == [0, 2, 4]
-    EngineStep._forward_loss(Engine(), {k: batch[k] for k in ("tokens", "labels", "loss_mask")})
+    EngineStep(None, None, 1)._forward_loss(Engine(), {k: batch[k] for k in ("tokens", "labels", "loss_mask")})
     assert calls[1][1] == {}
