@@ -80,6 +80,15 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
    does. Same optimizer state (torch's AdamW `state_dict`), so checkpoints do not depend on it. Not bit for
    bit torch's kernel: its powers and divisions round alike up to a few fp32 ulps of the update.
 
+6. With `enable_lp_grad_step` (one micro-batch per step, one data-parallel rank, item 5 on) the bf16 gradients
+   are never folded into the fp32 sums: `update_hp_grads` leaves each in `lp.grad`, `step` takes the norm
+   over them (foreach norms in fp32, the same values: bf16 -> fp32 is exact) and item 5's kernel reads each
+   one where autograd put it (`fused_adamw.step_gathered_`). The fold's copy (6 bytes a parameter) and half
+   of the norm's and the kernel's gradient reads go, and with item 4 the fp32 sums are never allocated.
+   Should a second backward come before the step after all (more micro-batches than configured), the
+   waiting bf16 gradients are folded into the sums first (`backward_prologue`), so autograd never adds
+   two micro-batches in bf16.
+
 Optimizers that accumulate in backward hooks (`immediate_grad_update`) or correct expert-parallel gradients
 first (`autoep_folding_tp_group`) keep DeepSpeed's `update_hp_grads` and `clear_hp_grads` (and item 4
 does nothing for them: their hooks write into the buffer during backward).
@@ -106,9 +115,13 @@ _CLIP_EPS = 1e-6  # DeepSpeed's clip_tensors_by_global_norm: coefficient clip_gr
 
 def backward_prologue(self) -> None:
     """BF16_Optimizer.backward_prologue with nothing to clear (item 0 of the module docstring): our
-    `update_hp_grads` dropped every bf16 gradient after adding it into the fp32 sums."""
+    `update_hp_grads` dropped every bf16 gradient after adding it into the fp32 sums (or, item 6, left them
+    for the step: folded now if another backward comes first)."""
     if not _accumulates_here(self):  # DeepSpeed's accumulation (e.g. immediate_grad_update): its prologue
         return _ORIGINAL["backward_prologue"](self)
+    if getattr(self, "_lp_grads_pending", False):
+        self._lp_grads_pending = False
+        _fold_lp_grads(self)
 
 
 def _accumulates_here(self) -> bool:
@@ -149,9 +162,20 @@ def hp_grads_allocated(optimizer) -> bool:
 
 @torch.no_grad()
 def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
-    """BF16_Optimizer.update_hp_grads with one multi-tensor copy or add per group (module docstring)."""
+    """BF16_Optimizer.update_hp_grads with one multi-tensor copy or add per group (module docstring); with
+    item 6, the first micro-batch's bf16 gradients left where they are for the step."""
     if not _accumulates_here(self):  # DeepSpeed's (which returns at once under immediate_grad_update)
         return _ORIGINAL["update_hp_grads"](self, clear_lp_grads=clear_lp_grads)
+    if (getattr(self, "_lp_grad_layouts", None) is not None and getattr(self, "_hp_grads_stale", True)
+            and not getattr(self, "_lp_grads_pending", False)):
+        self._lp_grads_pending = True  # the sums stay stale and unallocated; the step reads lp.grad
+        return
+    _fold_lp_grads(self)
+
+
+@torch.no_grad()
+def _fold_lp_grads(self) -> None:
+    """Add every bf16 gradient into its fp32 sum (a copy into a stale sum) and drop it (items 1 and 2)."""
     stale = getattr(self, "_hp_grads_stale", True)  # first micro-batch since clear_hp_grads
     if stale:  # every sum below is copied or zeroed before it is read
         _restore_hp_grads(self)
@@ -220,6 +244,11 @@ def step(self, closure=None) -> None:
     """BF16_Optimizer.step without a host read (the math is in the module docstring)."""
     if closure is not None:
         raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+    if getattr(self, "_lp_grads_pending", False):  # item 6: AdamW reads the bf16 gradients themselves
+        if _lp_grads_readable(self):
+            return _step_on_lp_grads(self)
+        self._lp_grads_pending = False  # a gradient the kernel cannot read: the sums as usual
+        _fold_lp_grads(self)
     if getattr(self, "_hp_grads_stale", False):  # no backward since the last step: every sum is zero
         _restore_hp_grads(self)
         for flat_gradients in self.fp32_groups_gradients_flat:
@@ -230,15 +259,7 @@ def step(self, closure=None) -> None:
     self.overflow = False  # never known on the host: a non-finite step is skipped on the device instead
     grads_for_norm, _ = self.get_grads_for_norm()
     device = self.fp32_groups_flat_partition[0].device
-    norm = global_grad_norm(grads_for_norm, self.mpu, device)
-    found_inf = (~torch.isfinite(norm)).float()  # 1.0: the fused kernel leaves params and moments alone
-    if getattr(self, "_nonfinite_steps", None) is None:
-        self._nonfinite_steps = torch.zeros((), dtype=torch.float32, device=device)
-    self._nonfinite_steps += found_inf
-    self._global_grad_norm = norm
-    grad_scale = None
-    if self.clip_grad > 0.0:
-        grad_scale = torch.clamp((norm + _CLIP_EPS) / self.clip_grad, min=1.0)  # divides the gradients
+    found_inf, grad_scale = _norm_and_skip(self, grads_for_norm, device)
 
     for param_partition, grad_partition in zip(self.fp32_groups_flat_partition,
                                                self.fp32_groups_gradient_flat_partition):
@@ -263,6 +284,82 @@ def step(self, closure=None) -> None:
     else:
         self.update_lp_params()  # bf16 weights <- fp32 masters (unchanged on a skipped step)
     self.clear_hp_grads()
+
+
+def _norm_and_skip(self, grads_for_norm: list[torch.Tensor], device: torch.device):
+    """The step's device scalars from the gradients the norm counts: found_inf (1.0 skips the update) and the
+    clipping divisor (None without clipping); the norm kept for the trainer, the skip counted (item 3)."""
+    norm = global_grad_norm(grads_for_norm, self.mpu, device)
+    found_inf = (~torch.isfinite(norm)).float()  # 1.0: the fused kernel leaves params and moments alone
+    if getattr(self, "_nonfinite_steps", None) is None:
+        self._nonfinite_steps = torch.zeros((), dtype=torch.float32, device=device)
+    self._nonfinite_steps += found_inf
+    self._global_grad_norm = norm
+    grad_scale = None
+    if self.clip_grad > 0.0:
+        grad_scale = torch.clamp((norm + _CLIP_EPS) / self.clip_grad, min=1.0)  # divides the gradients
+    return found_inf, grad_scale
+
+
+def _lp_grads_for_norm(self) -> list[torch.Tensor]:
+    """The bf16 gradients DeepSpeed's `get_grads_for_norm` would count as fp32 sums: those that exist, without
+    pipeline-replicated parameters, and on tensor ranks > 0 only the tensor-parallel ones."""
+    from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank, is_model_parallel_parameter
+
+    tensor_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
+    return [lp.grad for group in self.bf16_groups for lp in group
+            if lp.grad is not None and not getattr(lp, "ds_pipe_replicated", False)
+            and (tensor_rank == 0 or is_model_parallel_parameter(lp))]
+
+
+def _lp_grads_readable(self) -> bool:
+    """Whether every bf16 gradient is contiguous and of its parameter's dtype (what the kernel reads)."""
+    return all(lp.grad is None or (lp.grad.is_contiguous() and lp.grad.dtype == lp.dtype)
+               for group in self.bf16_groups for lp in group)
+
+
+@torch.no_grad()
+def _step_on_lp_grads(self) -> None:
+    """`step` of item 6: norm, skip and clipping as in item 3, AdamW reading each bf16 gradient in place
+    and writing the bf16 weights (item 5), then the gradients dropped."""
+    self._lp_grads_pending = False
+    self.overflow = False
+    device = self.fp32_groups_flat_partition[0].device
+    found_inf, grad_scale = _norm_and_skip(self, _lp_grads_for_norm(self), device)
+    grads = [[lp.grad for lp in group] for group in self.bf16_groups]
+    fused_adamw.step_gathered_(self.optimizer, _lp_partitions(self), grads, self._lp_grad_layouts, found_inf,
+                               grad_scale)
+    for group in self.bf16_groups:
+        for lp in group:
+            lp.grad = None
+    self._lazy_init_hp_params_optimizer_state()
+    _gather_lp_params(self)
+    self.clear_hp_grads()
+
+
+def enable_lp_grad_step(optimizer) -> bool:
+    """Turn on item 6 of the module docstring for this BF16_Optimizer (call it only where every step has one
+    micro-batch); returns False (nothing changed) where it cannot run: item 5 off, more than one
+    data-parallel rank (the fp32 sums are what DeepSpeed reduces), MoE groups, or gradients that are not
+    views of one flat buffer per group."""
+    import deepspeed.comm as dist
+
+    if (not getattr(optimizer, "_fused_step", False) or getattr(optimizer, "has_moe_layers", False)
+            or not _accumulates_here(optimizer)):
+        return False
+    if any(dist.get_world_size(group=group) != 1 for group in optimizer.real_dp_process_group):
+        return False
+    layouts = []
+    for group_index, group in enumerate(optimizer.bf16_groups):
+        flat = optimizer.bf16_groups_flat[group_index]
+        if not all(lp.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for lp in group):
+            return False
+        offsets = [lp.storage_offset() - flat.storage_offset() for lp in group]
+        layouts.append(fused_adamw.GradLayout(offsets, [lp.numel() for lp in group], flat.device))
+    if not fused_adamw.gathered_applies(optimizer.optimizer, _lp_partitions(optimizer), layouts):
+        return False
+    optimizer._lp_grad_layouts = layouts
+    return True
 
 
 def _lp_partitions(self) -> list[list[torch.Tensor]]:

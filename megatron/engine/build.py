@@ -3,7 +3,8 @@
     check_deepspeed_version -> build_optimizer + WarmupDecayLR -> deepspeed.initialize
     -> skip_allreduce_without_replicas (dp == 1) -> fp16_optimizer_init (FP16_UnfusedOptimizer)
     -> bf16_optimizer_patches.install (BF16_Optimizer; enable_free_grad_sums with free_grad_sums_between_steps,
-       enable_fused_step unless fused_optimizer_step: false)
+       enable_fused_step unless fused_optimizer_step: false, reading the bf16 gradients directly at one
+       micro-batch a step and one data-parallel rank)
 
 Nothing outside `megatron/engine` looks at the engine's optimizer wrapper: the trainer asks
 `reported_grad_norm` and `skipped_steps` here.
@@ -50,23 +51,29 @@ def build_engine(args, model, device_type: str, parallel):
             enable_free_grad_sums(engine.optimizer, parallel.rank,
                                   chosen=args.precision.free_grad_sums_between_steps is None)
         if args.precision.fused_optimizer_step is not False:
-            enable_fused_step(engine.optimizer, parallel.rank, required=args.precision.fused_optimizer_step is True)
+            enable_fused_step(engine.optimizer, parallel.rank, required=args.precision.fused_optimizer_step is True,
+                              one_micro_batch=args.derived.gradient_accumulation_steps == 1 and not pipeline)
     elif args.precision.fused_optimizer_step is True:  # the config check let it through: say why it cannot act
         raise RuntimeError(f"fused_optimizer_step: true, but DeepSpeed built {type(engine.optimizer).__name__}, not "
                            f"BF16_Optimizer; set fused_optimizer_step: false or drop the key.")
     return engine
 
 
-def enable_fused_step(optimizer, rank: int, required: bool) -> bool:
+def enable_fused_step(optimizer, rank: int, required: bool, one_micro_batch: bool = False) -> bool:
     """fused_optimizer_step on this BF16_Optimizer where it can run (printed); `required` (the key is `true`):
-    a RuntimeError naming the reason where it cannot. Returns whether it is on."""
+    a RuntimeError naming the reason where it cannot. `one_micro_batch` (one micro-batch a step, no pipeline):
+    the kernel may also read the bf16 gradients themselves, without the fp32 sums, where there is one
+    data-parallel rank (bf16_optimizer_patches item 6). Returns whether it is on."""
     from megatron.engine import bf16_optimizer_patches, fused_adamw
 
     if bf16_optimizer_patches.enable_fused_step(optimizer):
+        direct = one_micro_batch and bf16_optimizer_patches.enable_lp_grad_step(optimizer)
         if rank == 0:
             why = "" if required else " (unset: on wherever it can run; set fused_optimizer_step: false for torch's)"
+            reads = (", reading the bf16 gradients where autograd left them (one micro-batch a step, one "
+                     "data-parallel rank: no fp32 gradient sums)" if direct else "")
             print(f"fused_optimizer_step: AdamW and the bf16 weight copy run as one Triton kernel per parameter "
-                  f"group{why}", flush=True)
+                  f"group{reads}{why}", flush=True)
         return True
     if required:
         device = optimizer.fp32_groups_flat_partition[0].device

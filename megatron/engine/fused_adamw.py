@@ -20,6 +20,16 @@ against 28 + 6 for torch's kernel and DeepSpeed's copy. The optimizer state is t
 (`exp_avg`, `exp_avg_sq`, `step`, created as torch creates them), so checkpoints are the same and a run may
 resume with or without this kernel (`fused_optimizer_step`).
 
+`step_gathered_()` is the same update for a group whose gradients were never folded into one flat fp32
+buffer: each parameter's own bf16 gradient (autograd's tensor) is read where it lies, through a table of
+their addresses (`GradLayout`: which tensor and which slice of it each program reads, built once; the
+addresses, new every step, are one small copy). bf16 -> fp32 is exact, so the update is the flat kernel's
+with the fold's copy of the gradients (2 bytes written and 4 read a parameter) and its launch gone, and
+2 bytes a parameter less read here (28 bytes of traffic a parameter). Elements of the flat partition that no
+parameter covers (DeepSpeed's alignment padding, zero) are left alone, which is what AdamW would do to
+them (zero weights, moments and gradients stay zero); a parameter without a gradient this step is updated
+with a zero gradient, as BF16_Optimizer's zeroed sum for it would be.
+
 `applies()` says where it runs: a CUDA torch AdamW (or Adam with decoupled decay) without amsgrad, maximize
 or capturable, number (not tensor) hyperparameters, every parameter an fp32 contiguous tensor with a same-sized bf16/fp16
 target. Elsewhere the caller keeps torch's step and DeepSpeed's copy (CPU, no Triton).
@@ -113,6 +123,77 @@ def step_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tensor]], fou
             )
 
 
+class GradLayout:
+    """Where the gradients of a group's parameters go in its flat partition, cut into BLOCK-element programs:
+    program i reads elements [block_start[i], +BLOCK) of parameter block_tensor[i], whose element 0 is
+    element tensor_offset[block_tensor[i]] of the flat partition (device tensors, built once)."""
+
+    def __init__(self, offsets: list[int], numels: list[int], device: torch.device):
+        if len(offsets) != len(numels):
+            raise ValueError(f"{len(offsets)} offsets for {len(numels)} parameters")
+        numel = torch.tensor(numels, dtype=torch.int64)
+        blocks = (numel + BLOCK - 1) // BLOCK  # [tensors]
+        first_block = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first program
+        self.num_blocks = int(blocks.sum())
+        tensor_of_block = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
+        block_start = (torch.arange(self.num_blocks, dtype=torch.int64) - first_block[tensor_of_block]) * BLOCK
+        self.block_tensor = tensor_of_block.to(torch.int32).to(device)  # [num_blocks]
+        self.block_start = block_start.to(device)  # [num_blocks], elements into the tensor
+        self.tensor_offset = torch.tensor(offsets, dtype=torch.int64).to(device)  # [tensors], into the partition
+        self.tensor_numel = numel.to(device)  # [tensors]
+        self.num_tensors = len(numels)
+        self.end = max((o + n for o, n in zip(offsets, numels)), default=0)
+
+
+def gathered_applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[torch.Tensor]],
+                     layouts: list[GradLayout]) -> bool:
+    """Whether `step_gathered_` can update `optimizer`: `applies`, one flat parameter a group, its layout inside it."""
+    return (applies(optimizer, lp_targets) and len(layouts) == len(optimizer.param_groups)
+            and all(len(group["params"]) == 1 and layout.end <= group["params"][0].numel()
+                    for group, layout in zip(optimizer.param_groups, layouts)))
+
+
+def _address_table(grads: list[Optional[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The gradients' device addresses (0: no gradient) as an int64 device tensor, copied from pinned memory
+    without waiting (the caching host allocator keeps the buffer until the copy has run)."""
+    host = torch.tensor([0 if grad is None else grad.data_ptr() for grad in grads], dtype=torch.int64)
+    if device.type != "cuda":  # Triton's interpreter (tests on CPU machines) reads host memory
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def step_gathered_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tensor]],
+                   grads: list[list[Optional[torch.Tensor]]], layouts: list[GradLayout], found_inf: torch.Tensor,
+                   grad_scale: Optional[torch.Tensor] = None) -> None:
+    """`step_` for groups of one flat fp32 parameter each, whose gradient is not in `.grad` but in the separate
+    tensors `grads[i]` (bf16/fp16, contiguous, or None), laid out in it by `layouts[i]` (module docstring)."""
+    kernel, triton_dtypes = _gathered_kernel()
+    found_inf = found_inf.to(torch.float32).reshape(())
+    scale = grad_scale if grad_scale is not None else found_inf
+    for group, targets, group_grads, layout in zip(optimizer.param_groups, lp_targets, grads, layouts):
+        if len(group_grads) != layout.num_tensors:
+            raise ValueError(f"{len(group_grads)} gradients for a layout of {layout.num_tensors} parameters")
+        present = [grad for grad in group_grads if grad is not None]
+        if not present or layout.num_blocks == 0:
+            continue
+        grad_dtypes = {grad.dtype for grad in present}
+        if len(grad_dtypes) != 1 or not all(grad.is_contiguous() for grad in present):
+            raise ValueError(f"step_gathered_ needs contiguous gradients of one dtype, got {sorted(map(str, grad_dtypes))}")
+        (param,), (target,) = group["params"], targets
+        beta1, beta2 = group["betas"]
+        state = _state(optimizer, param)
+        state["step"] += 1.0 - found_inf
+        kernel[(layout.num_blocks,)](
+            param, _address_table(group_grads, param.device), layout.block_tensor, layout.block_start,
+            layout.tensor_offset, layout.tensor_numel, state["exp_avg"], state["exp_avg_sq"], target,
+            state["step"], found_inf, scale,
+            float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+            HAS_SCALE=grad_scale is not None, LP_DTYPE=triton_dtypes[target.dtype],
+            GRAD_DTYPE=triton_dtypes[grad_dtypes.pop()], BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+
+
 try:  # optional: without Triton (CPU machines) `applies` says no and the caller keeps torch's step
     import triton
     import triton.language as tl
@@ -127,7 +208,43 @@ def _kernel():
     return adamw_lp_kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _gathered_kernel():
+    """(the gathered-gradient kernel, {torch dtype: triton dtype}), or None where Triton is not installed."""
+    if triton is None:
+        return None
+    return adamw_lp_gathered_kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 if triton is not None:
+    @triton.jit
+    def _adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+        """The update of the module docstring on fp32 values; returns (param, exp_avg, exp_avg_sq)."""
+        bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))  # 1 - beta1^t
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+        param = param - lr * weight_decay * param
+        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param = param - (lr / bias_correction1) * exp_avg / denom
+        return param, exp_avg, exp_avg_sq
+
+    @triton.jit
+    def _update_elements(index, inside, grad, param_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, step_ptr,
+                         grad_scale_ptr, lr, beta1, beta2, eps, weight_decay,
+                         HAS_SCALE: tl.constexpr, LP_DTYPE: tl.constexpr):
+        """AdamW of the flat elements `index` (where `inside`) with fp32 gradients `grad`, and their rounded copy."""
+        if HAS_SCALE:
+            grad = grad / tl.load(grad_scale_ptr)
+        param = tl.load(param_ptr + index, mask=inside)
+        exp_avg = tl.load(exp_avg_ptr + index, mask=inside)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + index, mask=inside)
+        param, exp_avg, exp_avg_sq = _adamw(param, grad, exp_avg, exp_avg_sq, tl.load(step_ptr), lr, beta1, beta2,
+                                            eps, weight_decay)
+        tl.store(param_ptr + index, param, mask=inside)
+        tl.store(exp_avg_ptr + index, exp_avg, mask=inside)
+        tl.store(exp_avg_sq_ptr + index, exp_avg_sq, mask=inside)
+        tl.store(lp_ptr + index, param.to(LP_DTYPE, fp_downcast_rounding="rtne"), mask=inside)
+
     @triton.jit
     def adamw_lp_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, numel,
                         step_ptr, found_inf_ptr, grad_scale_ptr,
@@ -137,21 +254,27 @@ if triton is not None:
         if tl.load(found_inf_ptr) == 0.0:
             index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: > 2**31 elements
             inside = index < numel
-            step = tl.load(step_ptr)
-            bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))  # 1 - beta1^t
-            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
             grad = tl.load(grad_ptr + index, mask=inside)
-            if HAS_SCALE:
-                grad = grad / tl.load(grad_scale_ptr)
-            param = tl.load(param_ptr + index, mask=inside)
-            exp_avg = tl.load(exp_avg_ptr + index, mask=inside)
-            exp_avg_sq = tl.load(exp_avg_sq_ptr + index, mask=inside)
-            param = param - lr * weight_decay * param
-            exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
-            exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
-            denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-            param = param - (lr / bias_correction1) * exp_avg / denom
-            tl.store(param_ptr + index, param, mask=inside)
-            tl.store(exp_avg_ptr + index, exp_avg, mask=inside)
-            tl.store(exp_avg_sq_ptr + index, exp_avg_sq, mask=inside)
-            tl.store(lp_ptr + index, param.to(LP_DTYPE, fp_downcast_rounding="rtne"), mask=inside)
+            _update_elements(index, inside, grad, param_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, step_ptr,
+                             grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, LP_DTYPE)
+
+    @triton.jit
+    def adamw_lp_gathered_kernel(param_ptr, grad_addresses_ptr, block_tensor_ptr, block_start_ptr, tensor_offset_ptr,
+                                 tensor_numel_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr,
+                                 step_ptr, found_inf_ptr, grad_scale_ptr,
+                                 lr, beta1, beta2, eps, weight_decay,
+                                 HAS_SCALE: tl.constexpr, LP_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+        """The same step for one BLOCK slice of one parameter whose gradient is its own tensor (GradLayout)."""
+        if tl.load(found_inf_ptr) == 0.0:
+            program = tl.program_id(0)
+            tensor = tl.load(block_tensor_ptr + program)
+            local = tl.load(block_start_ptr + program) + tl.arange(0, BLOCK)  # int64 element of the tensor
+            inside = local < tl.load(tensor_numel_ptr + tensor)
+            index = tl.load(tensor_offset_ptr + tensor) + local  # element of the flat partition
+            address = tl.load(grad_addresses_ptr + tensor)
+            grad = tl.zeros([BLOCK], dtype=tl.float32)  # no gradient this step: a zero one
+            if address != 0:
+                grad = tl.load(address.to(tl.pointer_type(GRAD_DTYPE)) + local, mask=inside).to(tl.float32)
+            _update_elements(index, inside, grad, param_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, step_ptr,
+                             grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, LP_DTYPE)

@@ -197,7 +197,10 @@ def _check_step(rank, world_size):
     from megatron.engine.build import enable_fused_step
 
     assert not bf16_optimizer_patches.enable_fused_step(engine.optimizer)
-    assert not enable_fused_step(engine.optimizer, rank=0, required=False)
+    assert not enable_fused_step(engine.optimizer, rank=0, required=False, one_micro_batch=True)
+    # item 6 needs item 5's kernel: off here, so the sums are filled as before
+    assert not bf16_optimizer_patches.enable_lp_grad_step(engine.optimizer)
+    assert getattr(engine.optimizer, "_lp_grad_layouts", None) is None
     with pytest.raises(RuntimeError, match="fused_optimizer_step: true, but it cannot run here: the optimizer runs on "
                                            "cpu, the kernel needs CUDA; set fused_optimizer_step: false"):
         enable_fused_step(engine.optimizer, rank=0, required=True)

@@ -8,6 +8,8 @@
    same with the fused kernel as with torch's (masters within rtol 1e-6 after one step), skips a nan step
    alike, the fused path is the one taken (torch's step is never called), the bf16 weights are the masters
    rounded, and the optimizer state has torch's keys, shapes and dtypes, so a checkpoint loads into either.
+   With item 6 (AdamW reading the bf16 gradients, no fold into the fp32 sums) the same first step (the norm
+   summed from the bf16 gradients: rtol 1e-6), also when two backwards come before a step (folded then).
 3. The trainer (`deepy.py train.py`, bf16 with fp32 sums, ZeRO 1) takes the fused step by default on CUDA
    (the start-up line says so), and a run interrupted at step 3 and resumed has the same losses as the
    uninterrupted one, to the bit; `fused_optimizer_step: false` trains the same model (losses within 1%).
@@ -89,7 +91,7 @@ def test_a_skipped_first_step_leaves_everything_untouched():
     assert not state["exp_avg"].any() and not state["exp_avg_sq"].any() and not lp.any()
 
 
-def _train(fused: bool, steps: int = NAN_STEP + 1):
+def _train(fused: bool, steps: int = NAN_STEP + 1, direct: bool = False, backwards_per_step: int = 1):
     import deepspeed
 
     from megatron.engine import bf16_optimizer_patches
@@ -115,12 +117,24 @@ def _train(fused: bool, steps: int = NAN_STEP + 1):
             raise AssertionError("torch's AdamW step ran although the fused step is on")
 
         engine.optimizer.optimizer.step = not_here
+    folds = []
+    if direct:  # item 6: AdamW reads the bf16 gradients; the fold into the fp32 sums must not run at one backward
+        assert bf16_optimizer_patches.enable_lp_grad_step(engine.optimizer)
+        fold = bf16_optimizer_patches._fold_lp_grads
+
+        def counted_fold(self):
+            folds.append(1)
+            return fold(self)
+
+        bf16_optimizer_patches._fold_lp_grads = counted_fold
     generator = torch.Generator(device="cuda").manual_seed(1)
     losses = []
     masters = [torch.cat([p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition])]  # before
     for step in range(steps):
         x = torch.randn(8, 64, width, device="cuda", generator=generator).bfloat16()
         loss = engine(x).float().pow(2).mean()
+        for _ in range(backwards_per_step - 1):  # more backwards than configured before a step
+            engine.backward(engine(x).float().pow(2).mean())
         engine.backward(loss * float("nan") if step == NAN_STEP else loss)  # a skipped step on both sides
         engine.step()
         losses.append(float(loss))
@@ -131,6 +145,10 @@ def _train(fused: bool, steps: int = NAN_STEP + 1):
              for group_state in engine.optimizer.optimizer.state_dict()["state"].values()
              for key, value in group_state.items()}
     bf16_optimizer_patches.uninstall()
+    if direct:
+        bf16_optimizer_patches._fold_lp_grads = fold
+        expected_folds = 0 if backwards_per_step == 1 else steps * backwards_per_step
+        assert len(folds) == expected_folds, f"{len(folds)} folds, {expected_folds} expected"
     del engine, optimizer
     assert skipped == 1, f"{skipped} steps skipped (fused={fused}), 1 expected"
     return losses, masters, weights, state
@@ -144,6 +162,22 @@ def test_bf16_optimizer_steps_the_same_with_the_fused_kernel():
     losses, masters, weights, state = _train(fused=True)
     assert losses[0] == ref_losses[0]  # the same forward before any step
     assert torch.equal(masters[0], ref_masters[0])  # masters[i]: after i steps
+    assert not torch.equal(masters[1], masters[0]), "the first step did not move the masters"
+    torch.testing.assert_close(masters[1], ref_masters[1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(masters[NAN_STEP + 1], masters[NAN_STEP]), "the nan step moved the masters"
+    assert torch.equal(weights, masters[-1].to(torch.bfloat16).float()), "bf16 weights are not the rounded masters"
+    assert state == ref_state
+
+
+@pytest.mark.parametrize("backwards_per_step", [1, 2])
+def test_the_fused_kernel_reading_the_bf16_gradients_steps_the_same(backwards_per_step):
+    """Item 6 against item 5 alone: the same first step (masters within rtol 1e-6: the norm now sums bf16
+    gradients, in fp32, where it summed their fp32 copies), the nan step skipped, the bf16 weights the
+    rounded masters, the same optimizer state. With two backwards before a step, the waiting bf16 gradients
+    are folded into the fp32 sums first and the step is item 5's."""
+    ref_losses, ref_masters, ref_weights, ref_state = _train(fused=True, backwards_per_step=backwards_per_step)
+    losses, masters, weights, state = _train(fused=True, direct=True, backwards_per_step=backwards_per_step)
+    assert losses[0] == ref_losses[0]
     assert not torch.equal(masters[1], masters[0]), "the first step did not move the masters"
     torch.testing.assert_close(masters[1], ref_masters[1], rtol=1e-6, atol=1e-7)
     assert torch.equal(masters[NAN_STEP + 1], masters[NAN_STEP]), "the nan step moved the masters"
@@ -168,6 +202,7 @@ def _run(tmp_path, name: str, overrides: dict) -> tuple[dict, str]:
 def test_the_trainer_takes_the_fused_step_and_resumes_bit_for_bit(tmp_path):
     plain, output = _run(tmp_path, "plain", {"train_iters": 6})
     assert "fused_optimizer_step: AdamW and the bf16 weight copy run as one Triton kernel" in output, output[-4000:]
+    assert "reading the bf16 gradients where autograd left them" in output, output[-4000:]  # one GPU, one micro-batch
     save = str(tmp_path / "ckpt")
     first, _ = _run(tmp_path, "first", {"train_iters": 3, "save": save, "checkpoint_factor": 3})
     resumed, _ = _run(tmp_path, "resumed", {"train_iters": 6, "load": save})
