@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 
 BLOCK = 1024  # elements per program (bench_optimizer on an H200: 1024 x 4 warps the fastest of five configs)
+ALIGN = 16  # elements: where GradLayout's offsets and sizes are multiples of it (and each gradient's address of
+# 16 bytes), the gathered kernel is told so (tl.multiple_of), which lets Triton vectorize its loads and stores
 NUM_WARPS = 4
 _LP_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -143,6 +145,8 @@ class GradLayout:
         self.tensor_numel = numel.to(device)  # [tensors]
         self.num_tensors = len(numels)
         self.end = max((o + n for o, n in zip(offsets, numels)), default=0)
+        # every slice starts and ends on ALIGN elements: the kernel may then load and store whole vectors
+        self.aligned = all(o % ALIGN == 0 and n % ALIGN == 0 for o, n in zip(offsets, numels))
 
 
 def gathered_applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[torch.Tensor]],
@@ -153,13 +157,16 @@ def gathered_applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[tor
                     for group, layout in zip(optimizer.param_groups, layouts)))
 
 
-def _address_table(grads: list[Optional[torch.Tensor]], device: torch.device) -> torch.Tensor:
+def _address_table(grads: list[Optional[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
     """The gradients' device addresses (0: no gradient) as an int64 device tensor, copied from pinned memory
-    without waiting (the caching host allocator keeps the buffer until the copy has run)."""
-    host = torch.tensor([0 if grad is None else grad.data_ptr() for grad in grads], dtype=torch.int64)
+    without waiting (the caching host allocator keeps the buffer until the copy has run), and whether every
+    address is a multiple of 16 bytes."""
+    addresses = [0 if grad is None else grad.data_ptr() for grad in grads]
+    host = torch.tensor(addresses, dtype=torch.int64)
+    aligned = all(address % 16 == 0 for address in addresses)
     if device.type != "cuda":  # Triton's interpreter (tests on CPU machines) reads host memory
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return host, aligned
+    return host.pin_memory().to(device, non_blocking=True), aligned
 
 
 @torch.no_grad()
@@ -184,13 +191,15 @@ def step_gathered_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tens
         beta1, beta2 = group["betas"]
         state = _state(optimizer, param)
         state["step"] += 1.0 - found_inf
+        addresses, aligned_addresses = _address_table(group_grads, param.device)
         kernel[(layout.num_blocks,)](
-            param, _address_table(group_grads, param.device), layout.block_tensor, layout.block_start,
+            param, addresses, layout.block_tensor, layout.block_start,
             layout.tensor_offset, layout.tensor_numel, state["exp_avg"], state["exp_avg_sq"], target,
             state["step"], found_inf, scale,
             float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             HAS_SCALE=grad_scale is not None, LP_DTYPE=triton_dtypes[target.dtype],
-            GRAD_DTYPE=triton_dtypes[grad_dtypes.pop()], BLOCK=BLOCK, num_warps=NUM_WARPS,
+            GRAD_DTYPE=triton_dtypes[grad_dtypes.pop()], BLOCK=BLOCK, ALIGNED=layout.aligned and aligned_addresses,
+            num_warps=NUM_WARPS,
         )
 
 
@@ -264,15 +273,24 @@ if triton is not None:
                                  step_ptr, found_inf_ptr, grad_scale_ptr,
                                  lr, beta1, beta2, eps, weight_decay,
                                  HAS_SCALE: tl.constexpr, LP_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-                                 BLOCK: tl.constexpr):
-        """The same step for one BLOCK slice of one parameter whose gradient is its own tensor (GradLayout)."""
+                                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        """The same step for one BLOCK slice of one parameter whose gradient is its own tensor (GradLayout).
+        ALIGNED: offsets and sizes are multiples of 16 elements, addresses of 16 bytes (vector loads)."""
         if tl.load(found_inf_ptr) == 0.0:
             program = tl.program_id(0)
             tensor = tl.load(block_tensor_ptr + program)
-            local = tl.load(block_start_ptr + program) + tl.arange(0, BLOCK)  # int64 element of the tensor
-            inside = local < tl.load(tensor_numel_ptr + tensor)
-            index = tl.load(tensor_offset_ptr + tensor) + local  # element of the flat partition
+            start = tl.load(block_start_ptr + program)  # element of the tensor, a multiple of BLOCK
+            numel = tl.load(tensor_numel_ptr + tensor)
+            offset = tl.load(tensor_offset_ptr + tensor)  # of the tensor's element 0 in the flat partition
             address = tl.load(grad_addresses_ptr + tensor)
+            if ALIGNED:
+                start = tl.multiple_of(start, BLOCK)
+                numel = tl.multiple_of(numel, 16)
+                offset = tl.multiple_of(offset, 16)
+                address = tl.multiple_of(address, 16)
+            local = start + tl.arange(0, BLOCK)  # int64 elements of the tensor
+            inside = local < numel
+            index = offset + local  # elements of the flat partition
             grad = tl.zeros([BLOCK], dtype=tl.float32)  # no gradient this step: a zero one
             if address != 0:
                 grad = tl.load(address.to(tl.pointer_type(GRAD_DTYPE)) + local, mask=inside).to(tl.float32)

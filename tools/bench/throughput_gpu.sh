@@ -139,8 +139,17 @@ case "$stage" in
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --profile --variant "default:" \
       --variant "graphs: torch_compile_mode=reduce-overhead" --out "$OUT/410M_graphs.json" --markdown \
       | grep -v "^    " || true ;;
+  optimizer-direct)   # ~4 min, needs .cute-*: the step alone with the bf16 gradients read in place (bf16_optimizer_patches
+    # item 6) against the fold + fused kernel, then 410M (2048 x 8) default / torch's step, profiled
+    setup; timeout 120 python3 tools/bench/bench_optimizer.py --sizes 410M,llama-1B --out "$OUT/optimizer_direct.json" || true
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --profile --variant "default:" \
+      --variant "torch-step: fused_optimizer_step=false" --out "$OUT/410M_direct.json" --markdown \
+      | grep -E "^\| 410M|optimizer|adamw|device time|idle" || true ;;
+  optimizer-tests)   # ~5 min: fused_optimizer_step's GPU tests (the trainer's bit-for-bit resume included)
+    setup; timeout 420 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_adamw.py -q > "$OUT/pytest_fused_adamw.txt" 2>&1 || true
+    tail -15 "$OUT/pytest_fused_adamw.txt" ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs optimizer-direct optimizer-tests gpu-tests" ;;
 esac

@@ -24,6 +24,9 @@ def test_every_element_of_every_parameter_is_read_by_exactly_one_program():
         expected[offset:offset + numel] = 1
     assert torch.equal(covered, expected)
     assert layout.end == offsets[-1] + numels[-1]
+    assert not layout.aligned  # sizes 1, 1023, ... are not multiples of ALIGN: the kernel takes no vector hints
+    assert GradLayout([0, 1024, 1040], [1024, 16, 48], torch.device("cpu")).aligned
+    assert not GradLayout([0, 1032], [1032, 16], torch.device("cpu")).aligned  # 1032 = 64 x 16 + 8
 
 
 def test_a_layout_must_fit_its_flat_parameter():
