@@ -358,7 +358,9 @@ class PrecisionArgs:
     """With DeepSpeed's BF16_Optimizer on CUDA (bf16 weights, `data_types.grad_accum_dtype: fp32`, ZeRO stage 1,
     torch's fused AdamW on the device): its AdamW update and its copy of the fp32 masters into the bf16 weights
     run as one Triton kernel per parameter group (megatron/engine/fused_adamw.py), reading the masters once
-    instead of twice. The same AdamW in fp32 (torch's formula; the update rounds alike up to a few fp32 ulps)
+    instead of twice. At one micro-batch per step and one data-parallel rank it reads the bf16 gradients where
+    autograd left them, and the fp32 gradient sums are not filled at all (bf16 -> fp32 is exact: the same
+    update). The same AdamW in fp32 (torch's formula; the update rounds alike up to a few fp32 ulps)
     and the same optimizer state, so checkpoints resume either way. null (the default): on wherever it can
     run (CUDA with Triton; the choice is printed at start); false: torch's fused AdamW and DeepSpeed's copy;
     true: as null, but an error where it cannot run."""
