@@ -1,5 +1,6 @@
 """Four hot paths of DeepSpeed's BF16_Optimizer without per-parameter launches, redundant fills or a host
-wait, its fp32 gradient sums freed between steps and its AdamW fused with the bf16 copy, on request.
+wait; on request, its fp32 gradient sums freed between steps, its AdamW fused with the bf16 copy, and (one
+micro-batch a step, one data-parallel rank) that AdamW reading the bf16 gradients without the sums.
 
 With bf16 weights and `data_types.grad_accum_dtype: fp32` (the shipped bf16 configs) DeepSpeed 0.19 runs
 BF16_Optimizer (fp32 master weights, fp32 gradient sums). `install()` replaces four of its methods; all
