@@ -174,19 +174,17 @@ def step_gathered_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tens
                    grads: list[list[Optional[torch.Tensor]]], layouts: list[GradLayout], found_inf: torch.Tensor,
                    grad_scale: Optional[torch.Tensor] = None) -> None:
     """`step_` for groups of one flat fp32 parameter each, whose gradient is not in `.grad` but in the separate
-    tensors `grads[i]` (bf16/fp16, contiguous, or None), laid out in it by `layouts[i]` (module docstring)."""
-    kernel, triton_dtypes = _gathered_kernel()
+    tensors `grads[i]` (or None), laid out in it by `layouts[i]` (module docstring). The caller sees that the
+    gradients are contiguous and of one dtype, bf16 or fp16 (bf16_optimizer_patches checks them each step)."""
+    kernel, triton_dtypes = _kernel(gathered=True)
     found_inf = found_inf.to(torch.float32).reshape(())
     scale = grad_scale if grad_scale is not None else found_inf
     for group, targets, group_grads, layout in zip(optimizer.param_groups, lp_targets, grads, layouts):
         if len(group_grads) != layout.num_tensors:
             raise ValueError(f"{len(group_grads)} gradients for a layout of {layout.num_tensors} parameters")
-        present = [grad for grad in group_grads if grad is not None]
-        if not present or layout.num_blocks == 0:
+        grad_dtype = next((grad.dtype for grad in group_grads if grad is not None), None)
+        if grad_dtype is None or layout.num_blocks == 0:
             continue
-        grad_dtypes = {grad.dtype for grad in present}
-        if len(grad_dtypes) != 1 or not all(grad.is_contiguous() for grad in present):
-            raise ValueError(f"step_gathered_ needs contiguous gradients of one dtype, got {sorted(map(str, grad_dtypes))}")
         (param,), (target,) = group["params"], targets
         beta1, beta2 = group["betas"]
         state = _state(optimizer, param)
@@ -198,7 +196,7 @@ def step_gathered_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tens
             state["step"], found_inf, scale,
             float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             HAS_SCALE=grad_scale is not None, LP_DTYPE=triton_dtypes[target.dtype],
-            GRAD_DTYPE=triton_dtypes[grad_dtypes.pop()], BLOCK=BLOCK, ALIGNED=layout.aligned and aligned_addresses,
+            GRAD_DTYPE=triton_dtypes[grad_dtype], BLOCK=BLOCK, ALIGNED=layout.aligned and aligned_addresses,
             num_warps=NUM_WARPS,
         )
 
@@ -210,18 +208,13 @@ except ImportError:
     triton = None
 
 
-def _kernel():
-    """(the Triton kernel, {torch dtype: triton dtype}), or None where Triton is not installed."""
+def _kernel(gathered: bool = False):
+    """(the Triton kernel, {torch dtype: triton dtype}), or None where Triton is not installed; `gathered`: the
+    kernel that reads each parameter's gradient where it lies (`step_gathered_`)."""
     if triton is None:
         return None
-    return adamw_lp_kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _gathered_kernel():
-    """(the gathered-gradient kernel, {torch dtype: triton dtype}), or None where Triton is not installed."""
-    if triton is None:
-        return None
-    return adamw_lp_gathered_kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    kernel = adamw_lp_gathered_kernel if gathered else adamw_lp_kernel
+    return kernel, {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 if triton is not None:

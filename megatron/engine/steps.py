@@ -39,8 +39,8 @@ from megatron.mpu.reductions import grad_norm
 class EngineStep:
     def __init__(self, model: torch.nn.Module, parallel, grad_acc: int, sum_sequence_parallel_grads: bool = False,
                  guard=None, cudagraphs: bool = False):
-        self.model = model
-        self.cudagraphs = cudagraphs  # layers compiled in a CUDA-graph mode: mark each micro-batch  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
+        self.model = model  # the GPTModel inside the engine (its parameters: SP grad sums, grad norm)
+        self.cudagraphs = cudagraphs  # layers compiled in a CUDA-graph mode: mark each micro-batch
         # megatron.training.divergence.DivergenceGuard or None: in plain fp32 (DeepSpeed keeps no norm and
         # would step on NaN gradients) the norm is then measured at every step and a non-finite one skips it
         self.guard = guard
