@@ -79,8 +79,9 @@ class ParallelSelfAttention(nn.Module):
         self.sequence_parallel = parallel.sequence_parallel
         self.recompute_core = False  # set by GPTModel for recompute_modules: [core_attn]
         self.rotary = (
-            RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base) if model.pos_emb == "rotary" else None
-        )
+            RotaryEmbedding(self.head_dim, model.rotary_pct, model.rotary_emb_base, derived.max_position_embeddings)
+            if model.pos_emb == "rotary" else None
+        )  # cos/sin tables of every position (one copy per model: positional.share_rotary_tables)
 
         init = init or WeightInit(resolve_init_seed(None), "attention")
         sp = parallel.sequence_parallel

@@ -35,7 +35,7 @@ from megatron.model.init import WeightInit, resolve_init_seed
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 from megatron.model.offload import offloaded_checkpoint
-from megatron.model.positional import LearnedPositionEmbedding
+from megatron.model.positional import LearnedPositionEmbedding, share_rotary_tables
 from megatron.mpu.cross_entropy import mask_padded_vocab, vocab_parallel_cross_entropy
 from megatron.mpu.fused_cross_entropy import fused_linear_cross_entropy
 from megatron.mpu.initialize import ParallelState
@@ -243,6 +243,7 @@ class GPTModel(nn.Module):
             TransformerLayer(model, derived, parallel, dtype, layer_index=i, init_seed=seed)
             for i in range(model.num_layers)
         )
+        share_rotary_tables(self.layers)
         self.final_norm = build_norm(model, parallel.sequence_parallel, dtype)
         if self.tied:
             self.output_layer = None  # logits through embedding.word_embeddings.weight

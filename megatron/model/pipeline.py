@@ -37,6 +37,7 @@ from megatron.model.gpt import (DTYPES, Embedding, GPTModel, TransformerLayer, b
                                 real_vocab_size)
 from megatron.model.init import resolve_init_seed
 from megatron.model.norms import build_norm
+from megatron.model.positional import share_rotary_tables
 from megatron.mpu.initialize import ParallelState
 from megatron.neox_args.sections import DerivedArgs, ModelArgs
 
@@ -196,6 +197,7 @@ def build_pipeline_model(model: ModelArgs, derived: DerivedArgs, parallel: Paral
         activation_checkpoint_func=_checkpoint_func(checkpoint, parallel, partition_activations),
         checkpointable_layers=[TransformerLayer.__name__])
     loss.bind(module)
+    share_rotary_tables(module.forward_funcs)  # this stage's layers
     if torch_compile:
         for layer in module.forward_funcs:
             if isinstance(layer, TransformerLayer):

@@ -160,6 +160,48 @@ def test_torch_compile_is_a_flag_that_keeps_keys():
     assert all(layer._compiled_call_impl is not None for layer in compiled.layers)
 
 
+def test_layers_share_one_rotary_table_and_the_model_matches_computing_it():
+    """GPTModel keeps one cos/sin table for all its layers (positional.share_rotary_tables); the model's
+    output and gradients are those of layers that compute cos and sin per call."""
+    model_args, derived = make_args(**OPTIONS["neox-pythia"])
+    torch.manual_seed(0)
+    model = GPTModel(model_args, derived, ParallelState.single())
+    rotaries = {id(layer.attention.rotary) for layer in model.layers}
+    assert len(rotaries) == 1 and model.layers[0].attention.rotary.cos_table.shape[0] == derived.max_position_embeddings
+    torch.manual_seed(0)
+    computing = GPTModel(model_args, derived, ParallelState.single())
+    for layer in computing.layers:
+        layer.attention.rotary.cos_table = layer.attention.rotary.sin_table = None
+    tokens, labels, mask = _batch()
+    loss = model.loss(model(tokens), labels, mask)
+    reference = computing.loss(computing(tokens), labels, mask)
+    torch.testing.assert_close(loss, reference, atol=0, rtol=0)
+    loss.backward()
+    reference.backward()
+    for (name, p), q in zip(model.named_parameters(), computing.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=0, rtol=0, msg=name)
+
+
+def test_compiled_rotary_reads_the_tables_instead_of_computing_cos_and_sin():
+    """Compiled (inductor's C++ on the CPU; tests/gpu checks its Triton on CUDA), the attention's q, k, v
+    read cos and sin from the kept tables: no cos or sin is evaluated per element, and the values are the
+    eager layer's, with positions 0..s-1 and restarting per document."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model_args, derived = make_args(**OPTIONS["neox-pythia"])
+    attention = GPTModel(model_args, derived, ParallelState.single()).layers[0].attention
+    s = model_args.seq_length
+    x = torch.randn(s, 2, model_args.hidden_size)
+    for position_ids in (None, torch.arange(s).remainder(5).expand(2, -1)):
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(attention.qkv_heads), x, position_ids)
+        assert not re.search(r"(::|\.)(cos|sin)f?\(", "\n".join(code))
+        for g, e in zip(got, attention.qkv_heads(x, position_ids)):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_precision_builds_bf16_params():
     model_args, derived = make_args()
     model = GPTModel(model_args, derived, ParallelState.single(), precision="bf16")

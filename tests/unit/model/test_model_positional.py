@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron.model.positional import LearnedPositionEmbedding, RotaryEmbedding, apply_rotary
+from megatron.model.positional import LearnedPositionEmbedding, RotaryEmbedding, apply_rotary, share_rotary_tables
 
 
 def complex_rotary_reference(x: torch.Tensor, rotary_ndims: int, base: float) -> torch.Tensor:
@@ -44,6 +44,40 @@ def test_rotary_is_relative():
     rq = apply_rotary(q.expand(1, 1, 12, 8), cos, sin)[0, 0]
     rk = apply_rotary(k.expand(1, 1, 12, 8), cos, sin)[0, 0]
     assert torch.allclose(rq[5] @ rk[2], rq[10] @ rk[7], atol=1e-6)
+
+
+@pytest.mark.parametrize("rotary_pct,base", [(1.0, 10000), (0.25, 500000)])
+def test_rotary_tables_are_the_per_call_computation(rotary_pct, base):
+    """The kept tables hold what the per-call path computes (the same fp32 ops), for a prefix, for gathered
+    positions restarting per document, and a sequence longer than the tables falls back to computing."""
+    tabled, computed = RotaryEmbedding(16, rotary_pct, base, 32), RotaryEmbedding(16, rotary_pct, base)
+    assert tabled.cos_table.shape == (32, tabled.rotary_ndims) and computed.cos_table is None
+    for got, want in zip(tabled.cos_sin(20, torch.device("cpu")), computed.cos_sin(20, torch.device("cpu"))):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 5, 31], [3, 0, 1, 2, 3, 4, 0]])  # [b, s], restarting
+    for got, want in zip(tabled.cos_sin_at(positions), computed.cos_sin_at(positions)):
+        assert got.shape == (2, 7, tabled.rotary_ndims)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    longer = tabled.cos_sin(40, torch.device("cpu"))[0]  # past the tables' 32 rows: computed
+    torch.testing.assert_close(longer, computed.cos_sin(40, torch.device("cpu"))[0], atol=0, rtol=0)
+
+
+def test_share_rotary_tables_keeps_one_copy_of_alike_tables():
+    class Layer(torch.nn.Module):
+        def __init__(self, rotary):
+            super().__init__()
+            self.attention = torch.nn.Module()
+            self.attention.rotary = rotary
+
+    layers = torch.nn.ModuleList([Layer(RotaryEmbedding(16, 0.25, 10000, 64)) for _ in range(3)]
+                                 + [Layer(RotaryEmbedding(16, 0.5, 10000, 64)), Layer(None)])
+    share_rotary_tables(layers)
+    first = layers[0].attention.rotary
+    assert layers[1].attention.rotary is first and layers[2].attention.rotary is first
+    assert layers[3].attention.rotary is not first  # other dims: its own tables
+    assert layers[4].attention.rotary is None
+    assert len(list(layers.buffers())) == 2 * 3  # inv_freq, cos_table, sin_table: twice, not four times
+    assert layers.state_dict() == {}  # nothing persistent
 
 
 def test_rotary_odd_dims_is_an_error():
