@@ -3,7 +3,8 @@
 
     python tools/bench/bench_throughput.py --sizes 125M,410M,1.3B [--seq 2048] [--micro-batch 8] \\
         [--steps 20] [--warmup 5] [--baselines eager,compiled] [--out results.json] [--markdown] \\
-        [--device cuda|cpu] [--set key=value ...] [--variant "name: key=value ..." ...] [--sync-debug] [--profile]
+        [--device cuda|cpu] [--set key=value ...] [--variant "name: key=value ..." ...] [--sync-debug] [--profile] \\
+        [--launch-sites PATTERN]
 
 Each (size, implementation) runs in a fresh worker process of this script (`--worker-spec`), one after
 the other: DeepSpeed and torch.compile keep process-wide state, and a worker that runs out of memory
@@ -19,7 +20,8 @@ e.g. `--set zero_optimization.stage=0`); the baselines take only the model shape
 `--variant "name: key=value ..."` (repeatable) runs ours once per variant, its keys on top of `--set`, so
 that one command measures each optimization against the others and the baselines on the same machine.
 `--sync-debug` runs one more step per implementation under torch.cuda.set_sync_debug_mode and lists
-where the step waits for the GPU.
+where the step waits for the GPU. `--launch-sites PATTERN` traces one more step with Python stacks and
+lists which code launches the device kernels whose names match the regular expression (e.g. "Memset").
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "All variants and the baselines share one run, so their ratios compare like with like")
     parser.add_argument("--sync-debug", action="store_true",
                         help="after timing, run one step with torch.cuda.set_sync_debug_mode and list host syncs")
+    parser.add_argument("--launch-sites", default=None, metavar="PATTERN",
+                        help="after timing, trace one step with Python stacks and list where the kernels whose "
+                             "names match this regular expression are launched from (cuda)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile 2 more steps and print the top operators by device time")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -311,7 +316,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # ConfigError is a ValueError too
         raise SystemExit(f"bench_throughput.py: {err}") from None
     # --profile: 2 traced steps, 5 phase-timed, 2 under cProfile
-    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 + 2 if opts.profile else 0)
+    extra_steps = (1 if opts.sync_debug else 0) + (2 + 5 + 2 if opts.profile else 0) + (1 if opts.launch_sites else 0)
     iterations = opts.warmup + opts.steps + extra_steps + 2
 
     runs: list[dict] = []
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
                     "warmup": opts.warmup, "timing": opts.timing,
                     "extra_steps": extra_steps, "overrides": job_overrides,
                     "data_prefix": prefix, "cache_dir": opts.cache_dir, "sync_debug": opts.sync_debug,
-                    "profile": opts.profile,
+                    "profile": opts.profile, "launch_sites": opts.launch_sites,
                     "peak_flops": opts.peak_tflops * 1e12 if opts.peak_tflops else None}
             print(f"[bench] {size} {label(impl, variant)} ...", file=sys.stderr, flush=True)
             run = finish_run(run_worker(spec, opts.cache_dir, opts.timeout))
@@ -342,6 +347,8 @@ def main(argv=None) -> int:
     for run in runs:
         if run.get("profile"):
             print(f"\n--- profile: {run['size']} {label(run['impl'], run.get('variant'))} (2 steps) ---\n{run['profile']}")
+        if run.get("launch_sites"):
+            print(f"\n--- launch sites: {run['size']} {label(run['impl'], run.get('variant'))} ---\n{run['launch_sites']}")
         if run.get("phases_ms"):
             print(f"--- phases per micro-batch: {run['size']} {label(run['impl'], run.get('variant'))} (median of 5 steps; "
                   f"GPU span vs host time to issue it) ---")

@@ -16,6 +16,9 @@ setup), then `steps` timed steps, timed one of two ways:
 On CPU both are the host clock around each step (the device is the host). Peak memory is counted from a
 reset after the warmup, i.e. the steady state of training.
 
+`launch_sites(step, device, pattern)`: traces one more step with the host's operators and Python stacks and
+lists where the device kernels whose names match `pattern` (e.g. "Memset") are launched from.
+
 `find_host_syncs(step)`: runs one more step under `torch.cuda.set_sync_debug_mode("warn")` and returns
 where it synchronized the host with the GPU (`.item()`, `float(tensor)`, D2H copies, `nonzero`, ...).
 """
@@ -72,13 +75,16 @@ def measure(step: Callable[[], None], warmup: int, steps: int, device: str, timi
 
 def measure_spec(step: Callable[[], None], spec: dict) -> dict:
     """`measure` with the spec's warmup, steps, device and timing, plus the spec's optional diagnostics:
-    `host_syncs` (`--sync-debug`) and `profile` (`--profile`), each over steps of their own."""
+    `host_syncs` (`--sync-debug`), `profile` (`--profile`) and `launch_sites` (`--launch-sites PATTERN`),
+    each over steps of their own."""
     device = spec["device"]
     result = measure(step, spec["warmup"], spec["steps"], device, spec.get("timing", "events"))
     if spec.get("sync_debug"):
         result["host_syncs"] = find_host_syncs(step, device)
     if spec.get("profile"):
         result["profile"] = profile_steps(step, device)
+    if spec.get("launch_sites"):
+        result["launch_sites"] = launch_sites(step, device, spec["launch_sites"])
     return result
 
 def _time_back_to_back(step: Callable[[], None], steps: int) -> list[float]:
@@ -296,6 +302,49 @@ def profile_steps(step: Callable[[], None], device: str, steps: int = 2, rows: i
     durations = [(name, end - start) for name, start, end in kernels]
     return header + "\n".join([kernel_breakdown(durations, steps), most_launched(kernels, steps),
                                 kernel_gaps(kernels, steps)])
+
+
+def launch_sites(step: Callable[[], None], device: str, pattern: str, top: int = 20) -> str:
+    """One traced call of `step` (host operators with Python stacks, and the device): the host operators
+    that launched the device kernels whose names match the regular expression `pattern`, most kernels
+    first, each with its operator chain (innermost first) and the innermost frames of this repository or
+    the kernel libraries. Tells which code issues, say, the step's memsets. cuda only."""
+    import re
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return "(launch sites are traced on cuda only)"
+    regex = re.compile(pattern)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        step()
+        synchronize(device)
+    sites: Counter = Counter()
+    device_us: Counter = Counter()
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU:
+            continue
+        kernels = [kernel for kernel in getattr(event, "kernels", []) if regex.search(kernel.name)]
+        if not kernels:
+            continue
+        chain, frames, parent = [], [], event
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            if not frames:
+                frames = [frame for frame in (parent.stack or [])
+                          if any(part in frame for part in ("megatron", "quack", "deepspeed", "torch/_inductor",
+                                                            "torch/autograd", "torchtitan", "transformers"))][:4]
+            parent = parent.cpu_parent
+        key = (" < ".join(chain), " | ".join(frames) or "(no Python frame)")
+        sites[key] += len(kernels)
+        device_us[key] += sum(kernel.duration for kernel in kernels)
+    total = sum(sites.values())
+    lines = [f"{total} kernels matching {pattern!r} in one step, by launching operator:"]
+    for (chain, frames), count in sites.most_common(top):
+        lines.append(f"  {count:5d}x {device_us[(chain, frames)] / 1e3:7.3f} ms  {chain}\n           at {frames}")
+    return "\n".join(lines)
 
 
 def _device_kernels(prof, cuda_type) -> list[tuple[str, float, float]]:

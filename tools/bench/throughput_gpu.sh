@@ -148,8 +148,22 @@ case "$stage" in
     # bit-for-bit resume included)
     setup; timeout 420 python3 -m pytest -m gpu tests/gpu/test_gpu_fused_adamw.py -q > "$OUT/pytest_fused_adamw.txt" 2>&1 || true
     tail -15 "$OUT/pytest_fused_adamw.txt" ;;
+  rotary)   # ~8 min, needs .cute-* and .ab-before (carried): the rotary tables' GPU test, then 410M (2048 x 8) with
+    # the code before them (the files under .ab-before/ laid over a copy of this tree: the caller fills it with
+    # `git show REV:path`) and with this tree, in one call; then this tree profiled, with the memsets' launch sites
+    setup; timeout 120 python3 -m pytest -m gpu tests/gpu/test_gpu_numerics.py -q > "$OUT/pytest_numerics.txt" 2>&1 || true
+    tail -4 "$OUT/pytest_numerics.txt"
+    [ -d .ab-before ] || { echo "stage rotary needs .ab-before (carried)"; exit 2; }
+    before=/tmp/before; rm -rf "$before"; mkdir -p "$before"; cp -r $(ls -A | grep -v '^\.') "$before"/
+    cp -r .ab-before/. "$before"/
+    rest=${PYTHONPATH#"$PWD":}
+    (cd "$before" && PYTHONPATH=$before:$rest $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= \
+      --out "$OUT/410M_before.json" --markdown | grep "^| 410M" || true)
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/410M_rotary.json" --markdown | grep "^| 410M" || true
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --steps 5 --profile --launch-sites "Memset" \
+      --out "$OUT/410M_rotary_profile.json" | grep -v "^    [0-9 ]*\.[0-9]* ms own" || true ;;
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs optimizer-direct optimizer-tests gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs optimizer-direct optimizer-tests rotary gpu-tests" ;;
 esac
