@@ -31,7 +31,7 @@ need_cute() {  # the stages that measure quack or FA4: a call that did not carry
 }
 BENCH="python3 tools/bench/bench_throughput.py --steps 10 --warmup 3"
 stage=${1:-help}
-case "$stage" in mlp-*|profile-410m-mlp|gemm-quack|optimizer*|rotary|llama|sizes) need_cute "$stage" ;; esac
+case "$stage" in mlp-*|profile-410m-mlp|gemm-quack|optimizer*|rotary|ab-410m|llama|sizes) need_cute "$stage" ;; esac
 case "$stage" in
   llama-2k)   # ~3 min: the llama-1B shape at 2048 x 8, ours (gradient sums freed between steps, the default, and kept) beside torchtitan
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan \
@@ -162,6 +162,17 @@ case "$stage" in
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/410M_rotary.json" --markdown | grep "^| 410M" || true
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --steps 5 --profile --launch-sites "Memset" \
       --out "$OUT/410M_rotary_profile.json" | grep -v "^    [0-9 ]*\.[0-9]* ms own" || true ;;
+  ab-410m)   # ~4 min, needs .cute-* and .ab-before (carried): 410M (2048 x 8) with the files under .ab-before/ laid
+    # over a copy of this tree (the code before a change: the caller fills it with `git show REV:path`), then with
+    # this tree, in one call
+    setup; [ -d .ab-before ] || { echo "stage ab-410m needs .ab-before (carried)"; exit 2; }
+    before=/tmp/before; rm -rf "$before"; mkdir -p "$before"; cp -r $(ls -A | grep -v '^\.') "$before"/
+    cp -r .ab-before/. "$before"/
+    rest=${PYTHONPATH#"$PWD":}
+    (cd "$before" && PYTHONPATH=$before:$rest $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= \
+      --out "$OUT/410M_before.json" --markdown | grep "^| 410M" || true)
+    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/410M_after.json" --markdown \
+      | grep "^| 410M" || true ;;
   llama)   # ~7 min, needs .cute-* and .whl-tt: the llama-1B shape at 2048 x 8 and at 8192 x 2, ours (the default) beside
     # torchtitan (the first target, both sequence lengths in one call)
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan --set checkpoint_activations=false \
@@ -177,5 +188,5 @@ case "$stage" in
   gpu-tests)   # ~2 min: the GPU tests of the throughput paths (freed sums, multi-tensor add, compiled vs eager)
     setup; python3 -m pytest -m gpu tests/gpu/test_gpu_free_grad_sums.py tests/gpu/test_gpu_multi_tensor_add.py \
       -q 2>&1 | tail -15 ;;
-  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs optimizer-direct optimizer-tests rotary llama sizes gpu-tests" ;;
+  *) sed -n '2,10p' "$0"; echo "stages: llama-2k llama-8k 410m 1.3b profile-410m profile-410m-mlp floor mlp-epilogue mlp-quack mlp-train mlp-train-1.3b mlp-train-llama mlp-tests mlp-tests-tuned mlp-host gemm-quack optimizer optimizer-1.3b graphs optimizer-direct optimizer-tests rotary ab-410m llama sizes gpu-tests" ;;
 esac
