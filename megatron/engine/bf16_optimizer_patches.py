@@ -83,9 +83,8 @@ per-step wait, DeepSpeed's throughput timer, is switched off in `NeoXArgs.deepsp
 
 6. With `enable_lp_grad_step` (one micro-batch per step, one data-parallel rank, item 5 on) the bf16 gradients
    are never folded into the fp32 sums: `update_hp_grads` leaves each in `lp.grad`, `step` takes the norm
-   over them (one Triton kernel reading them through the step's address tables, squares summed in fp32:
-   `fused_adamw.gathered_square_sum`; bf16 -> fp32 is exact) and item 5's kernel reads each one where
-   autograd put it (`fused_adamw.step_gathered_`). The fold's copy (6 bytes a parameter) and half
+   over them (foreach norms in fp32, the same values: bf16 -> fp32 is exact) and item 5's kernel reads each
+   one where autograd put it (`fused_adamw.step_gathered_`). The fold's copy (6 bytes a parameter) and half
    of the norm's and the kernel's gradient reads go, and with item 4 the fp32 sums are never allocated.
    Should a second backward come before the step after all (more micro-batches than configured), the
    waiting bf16 gradients are folded into the sums first (`backward_prologue`), so autograd never adds
@@ -234,11 +233,6 @@ def global_grad_norm(grads: list[torch.Tensor], mpu, device: torch.device) -> to
         squares = torch.stack(per_tensor).square().sum()
     else:
         squares = torch.zeros((), dtype=torch.float32, device=device)
-    return _model_parallel_norm(squares, mpu)
-
-
-def _model_parallel_norm(squares: torch.Tensor, mpu) -> torch.Tensor:
-    """sqrt of this rank's sum of squared gradients summed over the model-parallel group."""
     if mpu is not None:
         import deepspeed.comm as dist
 
@@ -296,11 +290,7 @@ def step(self, closure=None) -> None:
 def _norm_and_skip(self, grads_for_norm: list[torch.Tensor], device: torch.device):
     """The step's device scalars from the gradients the norm counts: found_inf (1.0 skips the update) and the
     clipping divisor (None without clipping); the norm kept for the trainer, the skip counted (item 3)."""
-    return _skip_and_clip(self, global_grad_norm(grads_for_norm, self.mpu, device), device)
-
-
-def _skip_and_clip(self, norm: torch.Tensor, device: torch.device):
-    """`_norm_and_skip` from the global gradient norm (a device fp32 scalar)."""
+    norm = global_grad_norm(grads_for_norm, self.mpu, device)
     found_inf = (~torch.isfinite(norm)).float()  # 1.0: the fused kernel leaves params and moments alone
     if getattr(self, "_nonfinite_steps", None) is None:
         self._nonfinite_steps = torch.zeros((), dtype=torch.float32, device=device)
@@ -312,22 +302,15 @@ def _skip_and_clip(self, norm: torch.Tensor, device: torch.device):
     return found_inf, grad_scale
 
 
-def _lp_norm_counted(self) -> list[torch.Tensor]:
-    """For each group, int32 device flags `[parameters]`: 1 for the parameters whose gradients DeepSpeed's
-    `get_grads_for_norm` would count as fp32 sums (not pipeline-replicated; on tensor ranks > 0 only the
-    tensor-parallel ones). Fixed for the run: made at the first step and kept."""
-    counted = getattr(self, "_lp_grad_norm_counted", None)
-    if counted is None:
-        from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank, is_model_parallel_parameter
+def _lp_grads_for_norm(self) -> list[torch.Tensor]:
+    """The bf16 gradients DeepSpeed's `get_grads_for_norm` would count as fp32 sums: those that exist, without
+    pipeline-replicated parameters, and on tensor ranks > 0 only the tensor-parallel ones."""
+    from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank, is_model_parallel_parameter
 
-        tensor_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
-        device = self.fp32_groups_flat_partition[0].device
-        counted = [torch.tensor([int(not getattr(lp, "ds_pipe_replicated", False)
-                                     and (tensor_rank == 0 or is_model_parallel_parameter(lp))) for lp in group],
-                                dtype=torch.int32, device=device)
-                   for group in self.bf16_groups]
-        self._lp_grad_norm_counted = counted
-    return counted
+    tensor_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
+    return [lp.grad for group in self.bf16_groups for lp in group
+            if lp.grad is not None and not getattr(lp, "ds_pipe_replicated", False)
+            and (tensor_rank == 0 or is_model_parallel_parameter(lp))]
 
 
 def _lp_grads_readable(self) -> bool:
@@ -343,14 +326,10 @@ def _step_on_lp_grads(self) -> None:
     self._lp_grads_pending = False
     self.overflow = False
     device = self.fp32_groups_flat_partition[0].device
+    found_inf, grad_scale = _norm_and_skip(self, _lp_grads_for_norm(self), device)
     grads = [[lp.grad for lp in group] for group in self.bf16_groups]
-    addresses = [fused_adamw.gradient_addresses(group_grads, device) for group_grads in grads]
-    squares = sum(fused_adamw.gathered_square_sum(group_grads, layout, counted, table)
-                  for group_grads, layout, counted, table in zip(grads, self._lp_grad_layouts,
-                                                                 _lp_norm_counted(self), addresses))
-    found_inf, grad_scale = _skip_and_clip(self, _model_parallel_norm(squares, self.mpu), device)
     fused_adamw.step_gathered_(self.optimizer, _lp_partitions(self), grads, self._lp_grad_layouts, found_inf,
-                               grad_scale, addresses)
+                               grad_scale)
     for group in self.bf16_groups:
         for lp in group:
             lp.grad = None

@@ -30,12 +30,6 @@ parameter covers (DeepSpeed's alignment padding, zero) are left alone, which is 
 them (zero weights, moments and gradients stay zero); a parameter without a gradient this step is updated
 with a zero gradient, as BF16_Optimizer's zeroed sum for it would be.
 
-`gathered_square_sum()` reads the same gradients through the same tables for the step's gradient norm: each
-program sums the squares of its BLOCK slice in fp32 (zero for a parameter not counted in the norm or without
-a gradient), then torch sums the programs' partial sums (a fixed order: the same bits every run). One launch
-and a small sum, against torch's foreach norm over every gradient and the sum of its per-tensor results
-(~1.2 ms of host time a 410M step, where the step's host work was what the GPU waited for).
-
 `applies()` says where it runs: a CUDA torch AdamW (or Adam with decoupled decay) without amsgrad, maximize
 or capturable, number (not tensor) hyperparameters, every parameter an fp32 contiguous tensor with a same-sized bf16/fp16
 target. Elsewhere the caller keeps torch's step and DeepSpeed's copy (CPU, no Triton).
@@ -163,7 +157,7 @@ def gathered_applies(optimizer: torch.optim.Optimizer, lp_targets: list[list[tor
                     for group, layout in zip(optimizer.param_groups, layouts)))
 
 
-def gradient_addresses(grads: list[Optional[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
+def _address_table(grads: list[Optional[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
     """The gradients' device addresses (0: no gradient) as an int64 device tensor, copied from pinned memory
     without waiting (the caching host allocator keeps the buffer until the copy has run), and whether every
     address is a multiple of 16 bytes."""
@@ -175,62 +169,29 @@ def gradient_addresses(grads: list[Optional[torch.Tensor]], device: torch.device
     return host.pin_memory().to(device, non_blocking=True), aligned
 
 
-def _grad_dtype(grads: list[Optional[torch.Tensor]]) -> Optional[torch.dtype]:
-    return next((grad.dtype for grad in grads if grad is not None), None)
-
-
-@torch.no_grad()
-def gathered_square_sum(grads: list[Optional[torch.Tensor]], layout: GradLayout, counted: torch.Tensor,
-                        addresses: Optional[tuple[torch.Tensor, bool]] = None) -> torch.Tensor:
-    """sum of g * g in fp32 over every element of the gradients `grads` (laid out by `layout`, as for
-    `step_gathered_`) of the parameters whose entry in `counted` (int32 device tensor `[tensors]`) is not 0;
-    a fp32 device scalar (module docstring). `addresses`: `gradient_addresses(grads, ...)` if already made."""
-    grad_dtype = _grad_dtype(grads)
-    if len(grads) != layout.num_tensors or counted.numel() != layout.num_tensors:
-        raise ValueError(f"{len(grads)} gradients and {counted.numel()} counted flags for a layout of "
-                         f"{layout.num_tensors} parameters")
-    device = layout.block_tensor.device
-    if grad_dtype is None or layout.num_blocks == 0:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    table, aligned_addresses = addresses if addresses is not None else gradient_addresses(grads, device)
-    if getattr(layout, "partials", None) is None:  # one fp32 partial sum a program, reused every step
-        layout.partials = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
-    _, triton_dtypes = _kernel()
-    square_sum_gathered_kernel[(layout.num_blocks,)](
-        table, counted, layout.block_tensor, layout.block_start, layout.tensor_numel, layout.partials,
-        GRAD_DTYPE=triton_dtypes[grad_dtype], BLOCK=BLOCK, ALIGNED=layout.aligned and aligned_addresses,
-        num_warps=NUM_WARPS,
-    )
-    return layout.partials.sum()
-
-
 @torch.no_grad()
 def step_gathered_(optimizer: torch.optim.Adam, lp_targets: list[list[torch.Tensor]],
                    grads: list[list[Optional[torch.Tensor]]], layouts: list[GradLayout], found_inf: torch.Tensor,
-                   grad_scale: Optional[torch.Tensor] = None,
-                   addresses: Optional[list[tuple[torch.Tensor, bool]]] = None) -> None:
+                   grad_scale: Optional[torch.Tensor] = None) -> None:
     """`step_` for groups of one flat fp32 parameter each, whose gradient is not in `.grad` but in the separate
     tensors `grads[i]` (or None), laid out in it by `layouts[i]` (module docstring). The caller sees that the
-    gradients are contiguous and of one dtype, bf16 or fp16 (bf16_optimizer_patches checks them each step).
-    `addresses[i]`: `gradient_addresses(grads[i], ...)` where the caller made them already (for the norm)."""
+    gradients are contiguous and of one dtype, bf16 or fp16 (bf16_optimizer_patches checks them each step)."""
     kernel, triton_dtypes = _kernel(gathered=True)
     found_inf = found_inf.to(torch.float32).reshape(())
     scale = grad_scale if grad_scale is not None else found_inf
-    for index, (group, targets, group_grads, layout) in enumerate(zip(optimizer.param_groups, lp_targets, grads,
-                                                                       layouts)):
+    for group, targets, group_grads, layout in zip(optimizer.param_groups, lp_targets, grads, layouts):
         if len(group_grads) != layout.num_tensors:
             raise ValueError(f"{len(group_grads)} gradients for a layout of {layout.num_tensors} parameters")
-        grad_dtype = _grad_dtype(group_grads)
+        grad_dtype = next((grad.dtype for grad in group_grads if grad is not None), None)
         if grad_dtype is None or layout.num_blocks == 0:
             continue
         (param,), (target,) = group["params"], targets
         beta1, beta2 = group["betas"]
         state = _state(optimizer, param)
         state["step"] += 1.0 - found_inf
-        table, aligned_addresses = (addresses[index] if addresses is not None
-                                    else gradient_addresses(group_grads, param.device))
+        addresses, aligned_addresses = _address_table(group_grads, param.device)
         kernel[(layout.num_blocks,)](
-            param, table, layout.block_tensor, layout.block_start,
+            param, addresses, layout.block_tensor, layout.block_start,
             layout.tensor_offset, layout.tensor_numel, state["exp_avg"], state["exp_avg_sq"], target,
             state["step"], found_inf, scale,
             float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
@@ -328,26 +289,3 @@ if triton is not None:
                 grad = tl.load(address.to(tl.pointer_type(GRAD_DTYPE)) + local, mask=inside).to(tl.float32)
             _update_elements(index, inside, grad, param_ptr, exp_avg_ptr, exp_avg_sq_ptr, lp_ptr, step_ptr,
                              grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, LP_DTYPE)
-
-    @triton.jit
-    def square_sum_gathered_kernel(grad_addresses_ptr, counted_ptr, block_tensor_ptr, block_start_ptr,
-                                   tensor_numel_ptr, partial_ptr,
-                                   GRAD_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-        """partial[program] = sum of g * g (fp32) over one BLOCK slice of one parameter's gradient (GradLayout);
-        0 where the parameter has no gradient or is not counted in the norm."""
-        program = tl.program_id(0)
-        tensor = tl.load(block_tensor_ptr + program)
-        start = tl.load(block_start_ptr + program)
-        numel = tl.load(tensor_numel_ptr + tensor)
-        address = tl.load(grad_addresses_ptr + tensor)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-            numel = tl.multiple_of(numel, 16)
-            address = tl.multiple_of(address, 16)
-        grad = tl.zeros([BLOCK], dtype=tl.float32)
-        if address != 0:
-            if tl.load(counted_ptr + tensor) != 0:
-                local = start + tl.arange(0, BLOCK)  # int64 elements of the tensor
-                grad = tl.load(address.to(tl.pointer_type(GRAD_DTYPE)) + local, mask=local < numel,
-                               other=0.0).to(tl.float32)
-        tl.store(partial_ptr + program, tl.sum(grad * grad, axis=0))

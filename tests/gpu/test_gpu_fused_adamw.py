@@ -9,8 +9,7 @@
    alike, the fused path is the one taken (torch's step is never called), the bf16 weights are the masters
    rounded, and the optimizer state has torch's keys, shapes and dtypes, so a checkpoint loads into either.
    With item 6 (AdamW reading the bf16 gradients, no fold into the fp32 sums) the same first step (the norm
-   summed from the bf16 gradients by its own kernel: rtol 1e-6), also when two backwards come before a step
-   (folded then); that norm kernel alone against float64 sums of the counted gradients.
+   summed from the bf16 gradients: rtol 1e-6), also when two backwards come before a step (folded then).
 3. The trainer (`deepy.py train.py`, bf16 with fp32 sums, ZeRO 1) takes the fused step by default on CUDA
    (the start-up line says so), and a run interrupted at step 3 and resumed has the same losses as the
    uninterrupted one, to the bit; `fused_optimizer_step: false` trains the same model (losses within 1%).
@@ -184,38 +183,6 @@ def test_the_fused_kernel_reading_the_bf16_gradients_steps_the_same(backwards_pe
     assert torch.equal(masters[NAN_STEP + 1], masters[NAN_STEP]), "the nan step moved the masters"
     assert torch.equal(weights, masters[-1].to(torch.bfloat16).float()), "bf16 weights are not the rounded masters"
     assert state == ref_state
-
-
-def _square_sum_case(device: str):
-    """(grads, layout, counted, expected): bf16 gradients of unaligned and aligned sizes laid out in a flat
-    partition, one without a gradient, two not counted; expected in float64."""
-    from megatron.engine import fused_adamw
-
-    sizes = (1, 2047, 2048, 3 * 2048 + 5, 1_000_003, 4096, 16)
-    generator = torch.Generator(device=device).manual_seed(3)
-    grads = [torch.randn(n, device=device, generator=generator).bfloat16() * 10.0 ** (i - 3)
-             for i, n in enumerate(sizes)]
-    grads[3] = None  # no gradient this step
-    counted_flags = [1, 1, 0, 1, 1, 0, 1]  # e.g. pipeline-replicated copies: not in the norm
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    layout = fused_adamw.GradLayout(offsets, list(sizes), torch.device(device))
-    counted = torch.tensor(counted_flags, dtype=torch.int32, device=device)
-    expected = sum(float(g.double().square().sum()) for g, c in zip(grads, counted_flags) if g is not None and c)
-    return grads, layout, counted, expected
-
-
-def test_gathered_square_sum_is_the_norm_of_the_counted_gradients():
-    """fused_adamw.gathered_square_sum (item 6's norm) against float64 sums of the counted gradients (rtol 1e-6:
-    fp32 partial sums), 0 for the uncounted and missing ones, and the same bits on a second call."""
-    from megatron.engine import fused_adamw
-
-    grads, layout, counted, expected = _square_sum_case("cuda")
-    got = fused_adamw.gathered_square_sum(grads, layout, counted)
-    assert got.dtype == torch.float32 and got.shape == ()
-    assert abs(float(got) - expected) <= 1e-6 * expected, (float(got), expected)
-    assert torch.equal(fused_adamw.gathered_square_sum(grads, layout, counted), got)  # deterministic
-    none_counted = torch.zeros_like(counted)
-    assert float(fused_adamw.gathered_square_sum(grads, layout, none_counted)) == 0.0
 
 
 BF16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
