@@ -29,6 +29,16 @@ need_cute() {  # the stages that measure quack or FA4: a call that did not carry
   [ -d .cute-b ] || { echo "stage $1 needs the CuTe wheels: carry .cute-b (and .whl) in this call, after the" \
     "cp -r .cute-a /tmp/cute-a call on the same warm machine"; exit 2; }
 }
+before_and_after_410m() {  # $1: what to call this tree's JSON. 410M (2048 x 8) with the files under .ab-before/
+  # (carried; the caller fills it with `git show REV:path`) laid over a copy of this tree, then with this tree
+  [ -d .ab-before ] || { echo "stage $stage needs .ab-before (carried)"; exit 2; }
+  local before=/tmp/before rest=${PYTHONPATH#"$PWD":}
+  rm -rf "$before"; mkdir -p "$before"; cp -r $(ls -A | grep -v '^\.') "$before"/
+  cp -r .ab-before/. "$before"/
+  (cd "$before" && PYTHONPATH=$before:$rest $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= \
+    --out "$OUT/410M_before.json" --markdown | grep "^| 410M" || true)
+  $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/$1.json" --markdown | grep "^| 410M" || true
+}
 BENCH="python3 tools/bench/bench_throughput.py --steps 10 --warmup 3"
 stage=${1:-help}
 case "$stage" in mlp-*|profile-410m-mlp|gemm-quack|optimizer*|rotary|ab-410m|llama|sizes) need_cute "$stage" ;; esac
@@ -153,26 +163,13 @@ case "$stage" in
     # `git show REV:path`) and with this tree, in one call; then this tree profiled, with the memsets' launch sites
     setup; timeout 120 python3 -m pytest -m gpu tests/gpu/test_gpu_numerics.py -q > "$OUT/pytest_numerics.txt" 2>&1 || true
     tail -4 "$OUT/pytest_numerics.txt"
-    [ -d .ab-before ] || { echo "stage rotary needs .ab-before (carried)"; exit 2; }
-    before=/tmp/before; rm -rf "$before"; mkdir -p "$before"; cp -r $(ls -A | grep -v '^\.') "$before"/
-    cp -r .ab-before/. "$before"/
-    rest=${PYTHONPATH#"$PWD":}
-    (cd "$before" && PYTHONPATH=$before:$rest $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= \
-      --out "$OUT/410M_before.json" --markdown | grep "^| 410M" || true)
-    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/410M_rotary.json" --markdown | grep "^| 410M" || true
+    before_and_after_410m 410M_rotary
     $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --steps 5 --profile --launch-sites "Memset" \
       --out "$OUT/410M_rotary_profile.json" | grep -v "^    [0-9 ]*\.[0-9]* ms own" || true ;;
   ab-410m)   # ~4 min, needs .cute-* and .ab-before (carried): 410M (2048 x 8) with the files under .ab-before/ laid
     # over a copy of this tree (the code before a change: the caller fills it with `git show REV:path`), then with
     # this tree, in one call
-    setup; [ -d .ab-before ] || { echo "stage ab-410m needs .ab-before (carried)"; exit 2; }
-    before=/tmp/before; rm -rf "$before"; mkdir -p "$before"; cp -r $(ls -A | grep -v '^\.') "$before"/
-    cp -r .ab-before/. "$before"/
-    rest=${PYTHONPATH#"$PWD":}
-    (cd "$before" && PYTHONPATH=$before:$rest $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= \
-      --out "$OUT/410M_before.json" --markdown | grep "^| 410M" || true)
-    $BENCH --sizes 410M --seq 2048 --micro-batch 8 --baselines= --out "$OUT/410M_after.json" --markdown \
-      | grep "^| 410M" || true ;;
+    setup; before_and_after_410m 410M_after ;;
   llama)   # ~7 min, needs .cute-* and .whl-tt: the llama-1B shape at 2048 x 8 and at 8192 x 2, ours (the default) beside
     # torchtitan (the first target, both sequence lengths in one call)
     setup; $BENCH --sizes llama-1B --seq 2048 --micro-batch 8 --baselines torchtitan --set checkpoint_activations=false \
